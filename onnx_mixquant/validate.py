@@ -3,17 +3,25 @@
 Each session sets its graph optimisation level explicitly; the quantized model is checked at
 ORT_ENABLE_ALL (what users deploy) and with optimisations off (the plain QDQ semantics), on the CPU
 provider and on CUDA when onnxruntime can really use it.
+
+Memory: the FP reference outputs are computed once and kept per batch (every run reuses them); a
+run of the quantized model only accumulates sums and counts batch by batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
 
 from onnx_mixquant.config import ValidateConfig
+from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError, ModelLoadError
 from onnx_mixquant.graph import ModelInput
 
 __all__ = [
@@ -27,7 +35,26 @@ __all__ = [
     "validate",
 ]
 
+logger = logging.getLogger(__name__)
+
 Feed = dict[str, np.ndarray]
+
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+#: Quantized-model configurations, in run order: (name recorded in RunMetrics, level).
+_LEVELS: tuple[tuple[str, ort.GraphOptimizationLevel], ...] = (
+    ("ORT_ENABLE_ALL", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+    ("ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+)
+#: onnxruntime's default logger severity (WARNING). The Python API has no getter, so the CUDA
+#: probe restores this value after silencing the logger.
+_ORT_DEFAULT_SEVERITY = 2
+_ORT_FATAL = 4
+#: Random integer inputs are drawn from [0, _INT_HIGH): small and non-negative, so that they are
+#: valid indices / token ids for most models.
+_INT_HIGH = 10
+#: Dim values that mean "unknown, unnamed" in ModelInput.dims.
+_UNNAMED = ("", "?")
 
 
 @dataclass(frozen=True)
@@ -81,22 +108,297 @@ class ValidationResult:
     providers: tuple[str, ...]  # providers that actually ran
 
 
-def resolve_dims(inputs: Sequence[ModelInput], dims: dict[str, int] | None) -> dict[str, tuple[int, ...]]:
+def _is_unnamed(dim: object) -> bool:
+    return dim is None or (isinstance(dim, str) and dim in _UNNAMED) or (isinstance(dim, int) and dim < 0)
+
+
+def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -> dict[str, tuple[int, ...]]:
     """Concrete shape per input; symbolic dims from ``dims`` by dim name. Raises ConfigError listing
     every unresolved symbolic dim (input name, position, dim name) when one is missing."""
-    raise NotImplementedError
+    dims = dict(dims or {})
+    shapes: dict[str, tuple[int, ...]] = {}
+    missing: list[str] = []
+    used: set[str] = set()
+    for inp in inputs:
+        shape: list[int] = []
+        for pos, d in enumerate(inp.dims):
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            elif not _is_unnamed(d) and str(d) in dims:
+                used.add(str(d))
+                shape.append(dims[str(d)])
+            else:
+                label = "unnamed, unknown" if _is_unnamed(d) else repr(d)
+                missing.append(f"input {inp.name!r} dim {pos} ({label})")
+        shapes[inp.name] = tuple(shape)
+    if missing:
+        raise ConfigError(
+            "cannot make sample inputs: unresolved symbolic dimensions: "
+            + "; ".join(missing)
+            + ". Give a value per dim name (e.g. dims={'N': 1}), or give sample data"
+        )
+    unused = sorted(set(dims) - used)
+    if unused:
+        logger.warning("dimension values not used by any model input: %s", ", ".join(unused))
+    return shapes
+
+
+def _np_dtype(inp: ModelInput) -> np.dtype:
+    try:
+        return np.dtype(inp.dtype)
+    except TypeError as e:
+        raise ConfigError(
+            f"input {inp.name!r}: cannot make random samples of element type {inp.dtype!r}"
+            + (" (unknown element type)" if inp.dtype in _UNNAMED else "")
+            + "; give sample data"
+        ) from e
+
+
+def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    raise ConfigError(f"cannot make random samples of dtype {dtype.name!r}")
 
 
 def random_samples(inputs: Sequence[ModelInput], shapes: dict[str, tuple[int, ...]], num: int, seed: int) -> Samples:
     """``num`` random feeds of the resolved shapes (standard normal for float inputs, small
     non-negative ints for integer inputs, random bools), from np.random.default_rng(seed)."""
-    raise NotImplementedError
+    if num < 1:
+        raise ConfigError(f"number of random samples must be >= 1, got {num!r}")
+    dtypes = {inp.name: _np_dtype(inp) for inp in inputs}
+    for name in dtypes:
+        if name not in shapes:
+            raise ConfigError(f"input {name!r}: no resolved shape")
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(num):
+        try:
+            feeds.append({n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()})
+        except ConfigError as e:
+            raise ConfigError(f"{e} (model inputs: {', '.join(dtypes)})") from e
+    return Samples(feeds=tuple(feeds), labels=None, source=f"random (seed {seed})")
+
+
+def _identity_model_bytes() -> bytes:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    node = ir.node("Identity", inputs=[x])
+    y = node.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([1])
+    graph = ir.Graph(inputs=[x], outputs=[y], nodes=[node], opset_imports={"": 13}, name="probe")
+    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
+
+
+@functools.cache
+def _cuda_works() -> bool:
+    """Open a tiny session on CUDA with onnxruntime's logger silenced; True when CUDA really runs it.
+
+    The "cannot load libcublasLt" error is written by onnxruntime's *default* logger while loading
+    the provider library, so SessionOptions.log_severity_level alone does not silence it; the
+    default severity is raised to FATAL for the probe and reset to onnxruntime's default after
+    (the Python API offers no getter to restore a user-set value).
+    """
+    if _CUDA not in ort.get_available_providers():
+        return False
+    so = ort.SessionOptions()
+    so.log_severity_level = _ORT_FATAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.set_default_logger_severity(_ORT_FATAL)
+    try:
+        sess = ort.InferenceSession(_identity_model_bytes(), sess_options=so, providers=[_CUDA])
+        return sess.get_providers()[0] == _CUDA
+    except Exception as e:  # noqa: BLE001 - any failure to open the probe means no CUDA
+        logger.debug("CUDA probe failed: %s", e)
+        return False
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 
 
 def available_providers(try_cuda: bool) -> tuple[str, ...]:
     """Providers that actually work here: probes CUDA once, quietly (onnxruntime-gpu lists it even
     on CPU-only machines and falls back with an error log); always ends with CPUExecutionProvider."""
-    raise NotImplementedError
+    providers = (_CUDA, _CPU) if try_cuda and _cuda_works() else (_CPU,)
+    logger.debug("onnxruntime providers: %s", ", ".join(providers))
+    return providers
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _open(path: Path, provider: str, level_name: str, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
+    """Session from the path (so external data next to the file load); raises the bare ORT error."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
+    chain = [provider] if provider == _CPU else [provider, _CPU]
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=chain)
+    if sess.get_providers()[0] != provider:
+        logger.warning("%s: asked for %s at %s, onnxruntime gave %s", path, provider, level_name, sess.get_providers())
+    return sess
+
+
+def _tensor_output_names(sess: ort.InferenceSession, path: Path) -> tuple[str, ...]:
+    names = []
+    for out in sess.get_outputs():
+        if out.type.startswith("tensor(") and out.type != "tensor(string)":
+            names.append(out.name)
+        else:
+            logger.warning("%s: output %r of type %s is not compared", path, out.name, out.type)
+    return tuple(names)
+
+
+@dataclass
+class _Reference:
+    """FP outputs per batch (tensor outputs only, in ``names`` order) and what every run reuses."""
+
+    names: tuple[str, ...]
+    batches: list[list[np.ndarray]] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)  # sum(fp^2) per output, float64
+    classifier: int | None = None  # index of the first classifier-like output
+    rows: list[int] = field(default_factory=list)  # classifier rows per batch
+
+
+def _is_classifier(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.shape[-1] > 1
+
+
+def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Reference:
+    try:
+        sess = _open(fp_path, _CPU, "ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    except Exception as e:
+        raise ModelLoadError(f"{fp_path}: onnxruntime cannot open the FP model: {_first_line(e)}") from e
+    ref = _Reference(names=_tensor_output_names(sess, fp_path))
+    ref.energy = [0.0] * len(ref.names)
+    for i, feed in enumerate(samples.feeds):
+        try:
+            outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
+        except Exception as e:
+            raise CalibrationError(
+                f"{fp_path}: onnxruntime cannot run the FP model on batch {i} of {samples.source}: {_first_line(e)}"
+            ) from e
+        if i == 0:
+            ref.classifier = next((k for k, o in enumerate(outs) if _is_classifier(o)), None)
+        for k, o in enumerate(outs):
+            ref.energy[k] += float(np.sum(np.square(o, dtype=np.float64)))
+        if ref.classifier is not None:
+            ref.rows.append(outs[ref.classifier].shape[0])
+        ref.batches.append(outs)
+        tick()
+    return ref
+
+
+def _check_labels(labels: np.ndarray | None, ref: _Reference) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if ref.classifier is None:
+        logger.warning("labels given but the model has no classifier-like output (rank 2); no accuracy")
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != sum(ref.rows):
+        raise CalibrationError(
+            f"{labels.shape[0]} labels for {sum(ref.rows)} samples (rows of output {ref.names[ref.classifier]!r})"
+        )
+    return labels
+
+
+def _accuracy(logits: Sequence[np.ndarray], labels: np.ndarray) -> float:
+    hits = sum(int(np.sum(np.argmax(b, axis=-1) == labels[o : o + b.shape[0]])) for b, o in _with_offsets(logits))
+    return hits / labels.shape[0]
+
+
+def _with_offsets(batches: Sequence[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    out, offset = [], 0
+    for b in batches:
+        out.append((b, offset))
+        offset += b.shape[0]
+    return out
+
+
+@dataclass
+class _Acc:
+    """Running FP-vs-quantized sums for one output."""
+
+    sq_err: float = 0.0
+    max_abs: float = 0.0
+    agree: int = 0
+    rows: int = 0
+
+    def add(self, fp: np.ndarray, q: np.ndarray) -> None:
+        d = fp.astype(np.float64) - q.astype(np.float64)
+        self.sq_err += float(np.sum(np.square(d)))
+        if d.size:
+            self.max_abs = float(np.max([self.max_abs, float(np.max(np.abs(d)))]))  # NaN propagates
+        if _is_classifier(fp):
+            self.agree += int(np.sum(np.argmax(fp, axis=-1) == np.argmax(q, axis=-1)))
+            self.rows += fp.shape[0]
+
+
+def _sqnr_db(energy: float, sq_err: float) -> float:
+    if sq_err == 0.0:
+        return float("inf")
+    with np.errstate(divide="ignore"):
+        return float(10.0 * np.log10(energy / sq_err))
+
+
+def _run_quant(
+    quant_path: Path,
+    provider: str,
+    level: tuple[str, ort.GraphOptimizationLevel],
+    samples: Samples,
+    ref: _Reference,
+    labels: np.ndarray | None,
+    tick: Callable[[], None],
+) -> tuple[list[_Acc], list[np.ndarray]]:
+    """Run every batch on one configuration; returns the accumulators and the classifier outputs."""
+    where = f"{quant_path} on {provider} at {level[0]}"
+    try:
+        sess = _open(quant_path, provider, *level)
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot create a session for {where}: {_first_line(e)}") from e
+    accs = [_Acc() for _ in ref.names]
+    logits: list[np.ndarray] = []
+    for i, (feed, fp_outs) in enumerate(zip(samples.feeds, ref.batches, strict=True)):
+        try:
+            outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
+        except Exception as e:
+            raise ExportError(f"onnxruntime failed running batch {i} for {where}: {_first_line(e)}") from e
+        for name, acc, fp, q in zip(ref.names, accs, fp_outs, outs, strict=True):
+            if fp.shape != q.shape:
+                raise ExportError(f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}")
+            acc.add(fp, q)
+        if labels is not None and ref.classifier is not None:
+            logits.append(outs[ref.classifier])
+        tick()
+    return accs, logits
+
+
+def _metrics(ref: _Reference, accs: Sequence[_Acc]) -> tuple[OutputMetrics, ...]:
+    return tuple(
+        OutputMetrics(
+            name=name,
+            sqnr_db=_sqnr_db(energy, acc.sq_err),
+            max_abs_error=acc.max_abs,
+            top1_agreement=acc.agree / acc.rows if acc.rows else None,
+        )
+        for name, energy, acc in zip(ref.names, ref.energy, accs, strict=True)
+    )
+
+
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return tick
 
 
 def validate(
@@ -106,5 +408,40 @@ def validate(
     cfg: ValidateConfig,
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationResult:
-    """Run FP (CPU, ORT_DISABLE_ALL... reference) and quantized models on ``samples``; metrics per run."""
-    raise NotImplementedError
+    """Run FP (CPU, ORT_DISABLE_ALL... reference) and quantized models on ``samples``; metrics per run.
+
+    The FP model runs once, on CPU with optimisations off. The quantized model runs for every
+    provider of :func:`available_providers` at ORT_ENABLE_ALL and at ORT_DISABLE_ALL.
+
+    Raises:
+        CalibrationError: no sample batches, feeds the FP model rejects, or a label count that does
+            not match the samples.
+        ModelLoadError: onnxruntime cannot open the FP model.
+        ExportError: onnxruntime cannot open or run the quantized model in some configuration.
+    """
+    if not samples.feeds:
+        raise CalibrationError(f"no sample batches in {samples.source}")
+    providers = available_providers(cfg.try_cuda)
+    tick = _ticker(progress, len(samples.feeds) * (1 + len(providers) * len(_LEVELS)))
+    ref = _reference(Path(fp_path), samples, tick)
+    labels = _check_labels(samples.labels, ref)
+    top1_fp = None
+    if labels is not None and ref.classifier is not None:
+        top1_fp = _accuracy([b[ref.classifier] for b in ref.batches], labels)
+    runs = []
+    for provider in providers:
+        for level in _LEVELS:
+            accs, logits = _run_quant(Path(quant_path), provider, level, samples, ref, labels, tick)
+            top1_quant = _accuracy(logits, labels) if labels is not None and logits else None
+            run = RunMetrics(provider, level[0], _metrics(ref, accs), top1_fp, top1_quant)
+            worst = min((o.sqnr_db for o in run.outputs), default=float("inf"))
+            logger.info("validate %s %s: lowest output SQNR %.2f dB", provider, level[0], worst)
+            runs.append(run)
+    num = sum(_feed_rows(f) for f in samples.feeds)
+    return ValidationResult(tuple(runs), num, samples.source, providers)
+
+
+def _feed_rows(feed: Feed) -> int:
+    """Samples in one batch: axis 0 of its first input (1 for scalar inputs or no inputs)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and np.ndim(first) >= 1 else 1
