@@ -11,7 +11,6 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from onnx_mixquant.errors import ConfigError
 
@@ -200,7 +199,7 @@ class ValidateConfig:
         for k, v in self.dims.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"dimension {k!r}: value must be a positive integer, got {v!r}")
-        object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
+        object.__setattr__(self, "dims", dict(self.dims))
         if self.min_sqnr_db is not None and not math.isfinite(self.min_sqnr_db):
             raise ConfigError(f"min_sqnr_db must be a finite number, got {self.min_sqnr_db!r}")
 

@@ -33,11 +33,10 @@ import onnx_ir as ir
 from onnx_mixquant.config import ExportConfig
 from onnx_mixquant.errors import ExportError, UnsupportedModelError
 from onnx_mixquant.graph import weight_values
-from onnx_mixquant.numerics import QParams
+from onnx_mixquant.rounding import QuantizedWeight
 
 __all__ = [
     "ExportResult",
-    "QuantizedWeight",
     "StagedModel",
     "Storage",
     "insert_qdq",
@@ -51,21 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: Highest default-domain opset the tool converts a model to.
 MAX_TARGET_OPSET = 25
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """Integer values of one weight and how to dequantize them.
-
-    Attributes:
-        name: weight-site name.
-        q: int32 array, same shape as the float weight, inside ``qparams``' integer range.
-        qparams: scale / zero-point / axis / bits / signedness.
-    """
-
-    name: str
-    q: np.ndarray
-    qparams: QParams
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""Report: what a run did, as a dataclass, a JSON document and a short terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnx_mixquant.graph import SkippedWeight
+from onnx_mixquant.validate import ValidationResult
+
+__all__ = ["Report", "WeightReport", "format_text", "to_json", "write_json"]
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    """One weight site: the width chosen, how it is stored, and its roundoff error.
+
+    ``sqnr_db`` is 10 log10(mean(W^2) / mean((W - W')^2)) of the weight itself.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    op_types: tuple[str, ...]
+    consumers: tuple[str, ...]
+    bits: int | None
+    storage: str | None
+    axis: int | None
+    roundoff_mse: float | None
+    sqnr_db: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run measured. ``output_written`` is False when a quality gate failed."""
+
+    input_path: str
+    output_path: str
+    input_bytes: int
+    output_bytes: int
+    opset_before: int
+    opset_after: int
+    rule: str
+    average_bits: float
+    storage_bits: float
+    weights: tuple[WeightReport, ...]
+    skipped: tuple[SkippedWeight, ...]
+    validation: ValidationResult | None
+    gate_failures: tuple[str, ...]
+    output_written: bool
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: inf/nan floats become strings, tuples lists, mappings dicts."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else ("inf" if x > 0 else "-inf" if x < 0 else "nan")
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as a JSON-ready dict (infinite SQNR written as the string "inf")."""
+    d = asdict(report)
+    d["settings"] = dict(report.settings)
+    d["timings_s"] = dict(report.timings_s)
+    d["size_ratio"] = report.output_bytes / report.input_bytes if report.input_bytes else None
+    return _clean(d)
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    """Write the JSON report atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(to_json(report), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _db(x: float | None) -> str:
+    return "-" if x is None else ("inf" if math.isinf(x) else f"{x:.1f}")
+
+
+def format_text(report: Report, *, max_weights: int = 12) -> str:
+    """A short human-readable summary: sizes, widths histogram, worst weights, validation."""
+    lines = [
+        f"{report.input_path} -> {report.output_path}"
+        + ("" if report.output_written else "  (NOT written: quality gate failed)"),
+        f"size {_mb(report.input_bytes)} -> {_mb(report.output_bytes)}"
+        f" ({report.output_bytes / max(report.input_bytes, 1):.1%}),"
+        f" opset {report.opset_before} -> {report.opset_after}",
+        f"bit plan: {report.rule}, average {report.average_bits:.2f} bits"
+        f" ({report.storage_bits:.2f} stored) over {sum(w.bits is not None for w in report.weights)}"
+        f" weights; {sum(w.bits is None for w in report.weights)} kept float,"
+        f" {len(report.skipped)} other tensors left alone",
+    ]
+    hist: dict[str, int] = {}
+    for w in report.weights:
+        key = "float" if w.bits is None else f"{w.bits}b"
+        hist[key] = hist.get(key, 0) + 1
+    lines.append("widths: " + ", ".join(f"{k} x{v}" for k, v in sorted(hist.items())))
+    quant = sorted((w for w in report.weights if w.sqnr_db is not None), key=lambda w: w.sqnr_db or 0.0)
+    if quant:
+        lines.append(f"{'weight':<40} {'shape':<18} {'bits':>4} {'storage':<7} {'SQNR dB':>8}")
+        for w in quant[:max_weights]:
+            lines.append(f"{w.name[-40:]:<40} {'x'.join(map(str, w.shape)):<18} {w.bits:>4} "
+                         f"{w.storage or '-':<7} {_db(w.sqnr_db):>8}")
+        if len(quant) > max_weights:
+            lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
+    lines.extend(_validation_lines(report.validation))
+    lines.extend(f"warning: {w}" for w in report.warnings)
+    lines.extend(f"FAILED: {g}" for g in report.gate_failures)
+    return "\n".join(lines)
+
+
+def _validation_lines(v: ValidationResult | None) -> list[str]:
+    if v is None:
+        return ["validation: skipped"]
+    out = [f"validation on {v.num_samples} samples ({v.sample_source}):"]
+    for run in v.runs:
+        for o in run.outputs:
+            agree = "" if o.top1_agreement is None else f" top-1 agreement {o.top1_agreement:.2%}"
+            out.append(f"  {run.provider:<24} {run.optimization:<15} {o.name}: SQNR {_db(o.sqnr_db)} dB,"
+                       f" max |err| {o.max_abs_error:.3g}{agree}")
+        if run.top1_fp is not None and run.top1_quant is not None:
+            out.append(f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}")
+    return out
