@@ -135,7 +135,7 @@ def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -
         raise ConfigError(
             "cannot make sample inputs: unresolved symbolic dimensions: "
             + "; ".join(missing)
-            + ". Give a value per dim name (e.g. dims={'N': 1}), or give sample data"
+            + ". Give a value per dim name (e.g. dims={'NAME': 1}), or give sample data"
         )
     unused = sorted(set(dims) - used)
     if unused:
@@ -145,6 +145,8 @@ def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -
 
 def _np_dtype(inp: ModelInput) -> np.dtype:
     try:
+        if inp.dtype in _UNNAMED:  # np.dtype("?") would be bool
+            raise TypeError(inp.dtype)
         return np.dtype(inp.dtype)
     except TypeError as e:
         raise ConfigError(

@@ -357,10 +357,12 @@ for the README demo and the end-to-end tests. It is small (a {n_params:,}-parame
 bit-width search: four Conv layers (one of them 1-channel in, two inside a residual block), a
 Gemm (Linear) and a MatMul with a constant weight followed by a bias Add.
 
-| file | content |
-| --- | --- |
-| `{MODEL_FILE}` | ONNX, opset {OPSET}, input `{INPUT_NAME}` float32 ({BATCH_DIM},1,8,8), output `{OUTPUT_NAME}` float32 ({BATCH_DIM},10), batch dimension `{BATCH_DIM}` dynamic |
-| `{TEST_FILE}` | held-out split: `input` float32 ({n_test},1,8,8), already normalised; `labels` int64 ({n_test},) |
+Files:
+
+- `{MODEL_FILE}`: ONNX, opset {OPSET}. Input `{INPUT_NAME}` float32 ({BATCH_DIM},1,8,8),
+  output `{OUTPUT_NAME}` float32 ({BATCH_DIM},10); the batch dimension `{BATCH_DIM}` is dynamic.
+- `{TEST_FILE}`: the held-out split. `input` float32 ({n_test},1,8,8), already normalised;
+  `labels` int64 ({n_test},).
 
 **FP32 accuracy on the held-out split ({n_test} images), onnxruntime CPU: {ort_accuracy:.2%}**
 (torch: {torch_accuracy:.2%}).
@@ -414,7 +416,6 @@ CC BY 4.0. Split: `train_test_split(test_size={TEST_FRACTION}, stratify=labels,
 random_state={seed})`: {len(split.y_train)} training and {n_test} held-out images.
 """
     path.write_text(text, encoding="utf-8")
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -489,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in (model_path, test_path, out_dir / README_FILE):
         print(f"wrote {path} ({path.stat().st_size} bytes)")
     print(f"test accuracy: torch {torch_acc:.4f}, onnxruntime {ort_acc:.4f}")
-    print(f"onnxruntime vs torch: {same_pred}/{len(labels)} same predictions, "
-          f"max |logit diff| {max_diff:.2e}")
+    print(
+        f"onnxruntime vs torch: {same_pred}/{len(labels)} same predictions, "
+        f"max |logit diff| {max_diff:.2e}"
+    )
 
     ok = True
     if same_pred != len(labels) or max_diff > 1e-3:

@@ -1,0 +1,59 @@
+"""onnx-mixquant: mixed-precision post-training quantization of ONNX models.
+
+The public API: :func:`quantize` runs the whole pipeline on a model file; the config dataclasses
+set every option; errors derive from :class:`MixQuantError`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnx_mixquant.config import (
+    ExportConfig,
+    Granularity,
+    QemReference,
+    QuantConfig,
+    QuantizerConfig,
+    ScaleMethod,
+    SearchConfig,
+    SearchRule,
+    Symmetry,
+    ValidateConfig,
+    WeightOverride,
+)
+from onnx_mixquant.errors import (
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    MixQuantError,
+    ModelLoadError,
+    QualityGateError,
+    UnsupportedModelError,
+)
+from onnx_mixquant.pipeline import quantize
+from onnx_mixquant.report import Report, WeightReport
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "ExportConfig",
+    "ExportError",
+    "Granularity",
+    "MixQuantError",
+    "ModelLoadError",
+    "QemReference",
+    "QualityGateError",
+    "QuantConfig",
+    "QuantizerConfig",
+    "Report",
+    "ScaleMethod",
+    "SearchConfig",
+    "SearchRule",
+    "Symmetry",
+    "UnsupportedModelError",
+    "ValidateConfig",
+    "WeightOverride",
+    "WeightReport",
+    "__version__",
+    "quantize",
+]

@@ -1,0 +1,5 @@
+"""``python -m onnx_mixquant`` runs the command line."""
+
+from onnx_mixquant.cli import main
+
+main()
