@@ -27,7 +27,6 @@ from onnx_mixquant.errors import (
     ExportError,
     MixQuantError,
     ModelLoadError,
-    QualityGateError,
     UnsupportedModelError,
 )
 from onnx_mixquant.pipeline import quantize
@@ -42,7 +41,6 @@ __all__ = [
     "MixQuantError",
     "ModelLoadError",
     "QemReference",
-    "QualityGateError",
     "QuantConfig",
     "QuantizerConfig",
     "Report",

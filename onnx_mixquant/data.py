@@ -5,7 +5,7 @@ A ``.npz`` holds one array per model input (key = input name, samples on axis 0)
 model. Arrays are never cast: a float64 file for a float32 input is an error, not a conversion.
 
 When the model fixes its batch dimension (axis 0 is a number B, as in most exported CNNs with
-B = 1), the file may hold any multiple of B samples and the feeds are batches of exactly B.
+B = 1), the samples used must be a multiple of B and the feeds are batches of exactly B.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def load_samples(
         path: the .npz or .npy file (the format is read from the file's content).
         inputs: the model's graph inputs.
         batch_size: samples per feed; ignored when the model fixes axis 0 (then that size is used).
-        limit: keep only the first ``limit`` samples (rounded down to a multiple of a fixed batch).
+        limit: keep only the first ``limit`` samples.
 
     Returns:
         Samples whose ``source`` is ``str(path)``; labels as int64, or None.
@@ -61,12 +61,10 @@ def load_samples(
     arrays, labels = _read(path, inputs)
     count = _check_arrays(path, inputs, arrays)
     labels = _check_labels(path, labels, count)
-    fixed = _fixed_batch(path, inputs, count)
     keep = count if limit is None else min(count, limit)
+    fixed = _fixed_batch(path, inputs, keep)
     if fixed is not None:
-        batch_size, keep = fixed, keep - keep % fixed
-        if keep == 0:
-            raise CalibrationError(f"{path}: limit {limit} is smaller than the model's fixed batch size {fixed}")
+        batch_size = fixed
     feeds = tuple(
         {name: a[start : min(start + batch_size, keep)] for name, a in arrays.items()}
         for start in range(0, keep, batch_size)
@@ -82,11 +80,13 @@ def _read(path: Path, inputs: Sequence[ModelInput]) -> tuple[dict[str, np.ndarra
     if path.is_dir():
         raise CalibrationError(f"sample file {str(path)!r} is a directory; expected a .npz or .npy file")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            return _single_input(path, inputs, loaded), None
-        with loaded:
-            return _from_npz(path, inputs, loaded)
+        # Open the file here: np.load(path) leaks its handle when a truncated zip fails to open.
+        with open(path, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                return _single_input(path, inputs, loaded), None
+            with loaded:
+                return _from_npz(path, inputs, loaded)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise CalibrationError(f"cannot read sample file {str(path)!r}: {e}") from e
 
@@ -181,7 +181,7 @@ def _check_labels(path: Path, labels: np.ndarray | None, count: int) -> np.ndarr
 
 
 def _fixed_batch(path: Path, inputs: Sequence[ModelInput], count: int) -> int | None:
-    """The batch size the model fixes on axis 0 (None when axis 0 is symbolic everywhere)."""
+    """The batch size the model fixes on axis 0 (None when no input fixes it); ``count`` must be a multiple."""
     fixed = {inp.name: inp.dims[0] for inp in inputs if isinstance(inp.dims[0], int) and inp.dims[0] >= 0}
     if not fixed:
         return None
@@ -191,7 +191,7 @@ def _fixed_batch(path: Path, inputs: Sequence[ModelInput], count: int) -> int | 
     size = sizes.pop()
     if size == 0 or count % size:
         raise CalibrationError(
-            f"{path}: the model fixes axis 0 to {size} (inputs {', '.join(map(repr, fixed))}); "
-            f"the file's {count} samples are not a multiple of it"
+            f"{path}: the model fixes axis 0 to {size} (inputs {', '.join(map(repr, fixed))}), "
+            f"but {count} samples (after any limit) are not a multiple of it"
         )
     return size

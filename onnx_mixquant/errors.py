@@ -12,7 +12,6 @@ __all__ = [
     "ExportError",
     "MixQuantError",
     "ModelLoadError",
-    "QualityGateError",
     "UnsupportedModelError",
 ]
 
@@ -39,7 +38,3 @@ class CalibrationError(MixQuantError):
 
 class ExportError(MixQuantError):
     """The quantized model cannot be written (opset conversion failed, unwritable folder)."""
-
-
-class QualityGateError(MixQuantError):
-    """The quantized model failed a user-set quality threshold (``--min-sqnr``)."""

@@ -1,8 +1,8 @@
 """Read the model: load with onnx_ir, check it, infer shapes once, list the weight sites.
 
-A *weight site* is a float tensor stored in the model (an initializer or a ``Constant`` node's value,
-in the main graph or in an ``If``/``Loop``/``Scan`` subgraph) that feeds the weight operand of a
-Conv, ConvTranspose, Gemm (B) or MatMul (the constant operand). Every other float tensor stored in
+A *weight site* is a float tensor stored in the model (an initializer or a ``Constant`` node's
+value, in the main graph or in an ``If``/``Loop``/``Scan`` subgraph) that feeds the weight operand
+of a Conv, ConvTranspose, Gemm (B) or MatMul (the constant operand). Every other tensor stored in
 the model is listed as skipped, with the reason.
 """
 
@@ -54,7 +54,8 @@ class WeightSite:
             consumers disagree (then it is quantized per tensor).
         consumers: names of the quantizable nodes that read it as their weight.
         op_types: their op types, same order.
-        other_consumers: names of other nodes that also read it (they will read the dequantized value).
+        other_consumers: names of other nodes that also read it (they will read the dequantized
+            value).
         graph: "" for the main graph, else the path of the subgraph, e.g. "loop_node/body".
         source: "initializer" or "constant" (a Constant node's output).
     """
@@ -146,11 +147,6 @@ class _Scan:
     taken: set[str] = field(default_factory=set)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-
 def load_model(path: str | Path) -> ir.Model:
     """Load ``path`` (external data included); ModelLoadError / UnsupportedModelError on bad input.
 
@@ -223,11 +219,6 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         end, size = (tensor.offset or 0) + (tensor.length or 0), data.stat().st_size
         if end > size:
             raise ModelLoadError(f"{path}: {where} is too short ({size} < {end} bytes)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Walking the graphs
-# ---------------------------------------------------------------------------------------------
 
 
 def node_names(model: ir.Model) -> dict[ir.Node, str]:
@@ -321,11 +312,6 @@ def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Classifying the stored tensors
-# ---------------------------------------------------------------------------------------------
-
-
 def _is_constant(value: ir.Value | None) -> bool:
     if value is None:
         return False
@@ -383,11 +369,23 @@ def _read_reason(c: _Candidate, uses: list[ir.Usage]) -> str:
 def _classify(c: _Candidate, scan: _Scan) -> tuple[WeightSite | SkippedWeight, int]:
     """The site or skip record of one candidate, and the walk position of its first weight use."""
     uses = sorted(c.value.uses(), key=lambda u: (scan.order[u.node], u.idx))
+    weights: list[tuple[ir.Node, int]] = []
     reason = _read_reason(c, uses)
+    if not reason:
+        weights, reason = _weight_uses(c, uses, scan)
+    if reason:
+        return SkippedWeight(c.value.name or "", c.shape, c.dtype.name, reason), -1
+    return _site(c, weights, [u.node for u in uses], scan), scan.order[weights[0][0]]
+
+
+def _weight_uses(
+    c: _Candidate, uses: list[ir.Usage], scan: _Scan
+) -> tuple[list[tuple[ir.Node, int]], str]:
+    """The (node, axis) pairs reading ``c`` as a weight, and the reason to skip it ("" if none)."""
     weights: list[tuple[ir.Node, int]] = []
     notes: list[str] = []
     biases: list[str] = []
-    for use in uses if not reason else ():
+    for use in uses:
         role, name = _role(use, len(c.shape)), scan.names[use.node]
         if isinstance(role, int):
             weights.append((use.node, role))
@@ -395,18 +393,14 @@ def _classify(c: _Candidate, scan: _Scan) -> tuple[WeightSite | SkippedWeight, i
             biases.append(name)
         elif role is not None:
             notes.append(role.format(name))
-    if reason:
-        pass
-    elif weights and len(c.shape) < 2:
-        reason = f"rank-{len(c.shape)} weight of {scan.names[weights[0][0]]} (rank < 2)"
-    elif not weights:
-        ops = ", ".join(sorted({u.node.op_type for u in uses}))
-        reason = next(iter(notes), "")
-        reason = reason or (biases and f"bias of {biases[0]} (biases stay float)")
-        reason = reason or f"not a weight of Conv/ConvTranspose/Gemm/MatMul (read by {ops})"
-    if reason:
-        return SkippedWeight(c.value.name or "", c.shape, c.dtype.name, reason), -1
-    return _site(c, weights, [u.node for u in uses], scan), scan.order[weights[0][0]]
+    if weights:
+        rank = len(c.shape)
+        bad = f"rank-{rank} weight of {scan.names[weights[0][0]]} (rank < 2)" if rank < 2 else ""
+        return weights, bad
+    if notes or biases:
+        return [], notes[0] if notes else f"bias of {biases[0]} (biases stay float)"
+    ops = ", ".join(sorted({u.node.op_type for u in uses}))
+    return [], f"not a weight of Conv/ConvTranspose/Gemm/MatMul (read by {ops})"
 
 
 def _site(
@@ -439,11 +433,6 @@ def _find(model: ir.Model) -> tuple[list[tuple[WeightSite, ir.Value]], list[Skip
             skipped.append(record)
     found.sort(key=lambda f: f[:2])
     return [(site, value) for _, _, site, value in found], skipped
-
-
-# ---------------------------------------------------------------------------------------------
-# Public queries
-# ---------------------------------------------------------------------------------------------
 
 
 def find_weight_sites(model: ir.Model) -> tuple[tuple[WeightSite, ...], tuple[SkippedWeight, ...]]:
