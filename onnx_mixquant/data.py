@@ -32,7 +32,11 @@ _UNNAMED = ("", "?")
 
 
 def load_samples(
-    path: str | Path, inputs: Sequence[ModelInput], *, batch_size: int = 32, limit: int | None = None
+    path: str | Path,
+    inputs: Sequence[ModelInput],
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
 ) -> Samples:
     """Read ``path``: a .npz with one array per model input name (batch on axis 0) and an optional
     ``labels`` array, or a .npy for a single-input model. Every array is checked against the model
@@ -73,12 +77,16 @@ def load_samples(
     return Samples(feeds=feeds, labels=None if labels is None else labels[:keep], source=str(path))
 
 
-def _read(path: Path, inputs: Sequence[ModelInput]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Arrays by input name and the labels array (or None), with key checks; nothing else checked."""
+def _read(
+    path: Path, inputs: Sequence[ModelInput]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Arrays by input name and the labels (or None); checks the keys, nothing else."""
     if not path.exists():
         raise CalibrationError(f"sample file {str(path)!r} not found")
     if path.is_dir():
-        raise CalibrationError(f"sample file {str(path)!r} is a directory; expected a .npz or .npy file")
+        raise CalibrationError(
+            f"sample file {str(path)!r} is a directory; expected a .npz or .npy file"
+        )
     try:
         # Open the file here: np.load(path) leaks its handle when a truncated zip fails to open.
         with open(path, "rb") as f:
@@ -104,36 +112,53 @@ def _from_npz(
             )
     missing = [n for n in expected if n not in data.files]
     if missing:
-        raise CalibrationError(f"{path}: no array for model input(s) {', '.join(map(repr, missing))}; has {data.files}")
+        raise CalibrationError(
+            f"{path}: no array for model input(s) {', '.join(map(repr, missing))}; has {data.files}"
+        )
     arrays = {name: data[name] for name in expected}
     labels = data[LABELS_KEY] if LABELS_KEY in data.files else None
     return arrays, labels
 
 
-def _single_input(path: Path, inputs: Sequence[ModelInput], array: np.ndarray) -> dict[str, np.ndarray]:
+def _single_input(
+    path: Path, inputs: Sequence[ModelInput], array: np.ndarray
+) -> dict[str, np.ndarray]:
     """A .npy file's one array, for a single-input model."""
     if len(inputs) != 1:
         names = ", ".join(repr(inp.name) for inp in inputs)
         raise CalibrationError(
-            f"{path}: a .npy file holds one array, but the model has {len(inputs)} inputs ({names}); "
+            f"{path}: a .npy file holds one array, but the model has {len(inputs)} inputs "
+            f"({names}); "
             "use a .npz with one array per input name"
         )
     return {inputs[0].name: array}
 
 
 def _is_unnamed(dim: object) -> bool:
-    return dim is None or (isinstance(dim, str) and dim in _UNNAMED) or (isinstance(dim, int) and dim < 0)
+    return (
+        dim is None
+        or (isinstance(dim, str) and dim in _UNNAMED)
+        or (isinstance(dim, int) and dim < 0)
+    )
 
 
-def _check_one(path: Path, inp: ModelInput, a: np.ndarray, named: dict[str, tuple[str, int]]) -> None:
-    """dtype, rank and dims of one array; records symbolic dim values in ``named`` (name -> (who, value))."""
+def _check_one(
+    path: Path, inp: ModelInput, a: np.ndarray, named: dict[str, tuple[str, int]]
+) -> None:
+    """Check dtype, rank and dims of one array; record symbolic dims in ``named`` (name -> (who, n))."""
     where = f"{path}: input {inp.name!r}"
     if inp.dtype in _UNNAMED:
-        logger.debug("%s: model gives no element type; taking %s from the file", where, a.dtype.name)
+        logger.debug(
+            "%s: model gives no element type; taking %s from the file", where, a.dtype.name
+        )
     elif a.dtype.name != inp.dtype:
-        raise CalibrationError(f"{where}: expected dtype {inp.dtype}, got {a.dtype.name} (arrays are not cast)")
+        raise CalibrationError(
+            f"{where}: expected dtype {inp.dtype}, got {a.dtype.name} (arrays are not cast)"
+        )
     if not inp.dims:
-        raise CalibrationError(f"{where}: scalar model inputs cannot be split into samples along axis 0")
+        raise CalibrationError(
+            f"{where}: scalar model inputs cannot be split into samples along axis 0"
+        )
     if a.ndim != len(inp.dims):
         raise CalibrationError(
             f"{where}: expected rank {len(inp.dims)} (dims {list(inp.dims)}), got shape {a.shape}"
@@ -160,7 +185,9 @@ def _check_arrays(path: Path, inputs: Sequence[ModelInput], arrays: dict[str, np
         _check_one(path, inp, arrays[inp.name], named)
     counts = {name: a.shape[0] for name, a in arrays.items()}
     if len(set(counts.values())) > 1:
-        raise CalibrationError(f"{path}: inputs hold different numbers of samples (axis 0): {counts}")
+        raise CalibrationError(
+            f"{path}: inputs hold different numbers of samples (axis 0): {counts}"
+        )
     # Axis 0 of inputs sharing a dim name: equal counts already imply agreement.
     count = next(iter(counts.values()), 0)
     if count == 0:
@@ -172,17 +199,23 @@ def _check_labels(path: Path, labels: np.ndarray | None, count: int) -> np.ndarr
     if labels is None:
         return None
     if labels.dtype.kind not in "iu":
-        raise CalibrationError(f"{path}: {LABELS_KEY!r} must hold integer class ids, got dtype {labels.dtype.name}")
+        raise CalibrationError(
+            f"{path}: {LABELS_KEY!r} must hold integer class ids, got dtype {labels.dtype.name}"
+        )
     if labels.ndim != 1:
-        raise CalibrationError(f"{path}: {LABELS_KEY!r} must be 1-D, one class id per sample; got {labels.shape}")
+        raise CalibrationError(
+            f"{path}: {LABELS_KEY!r} must be 1-D, one class id per sample; got {labels.shape}"
+        )
     if labels.shape[0] != count:
         raise CalibrationError(f"{path}: {labels.shape[0]} labels for {count} samples")
     return labels.astype(np.int64)
 
 
 def _fixed_batch(path: Path, inputs: Sequence[ModelInput], count: int) -> int | None:
-    """The batch size the model fixes on axis 0 (None when no input fixes it); ``count`` must be a multiple."""
-    fixed = {inp.name: inp.dims[0] for inp in inputs if isinstance(inp.dims[0], int) and inp.dims[0] >= 0}
+    """The batch size the model fixes on axis 0, or None; ``count`` must be a multiple of it."""
+    fixed = {
+        inp.name: inp.dims[0] for inp in inputs if isinstance(inp.dims[0], int) and inp.dims[0] >= 0
+    }
     if not fixed:
         return None
     sizes = set(fixed.values())

@@ -34,6 +34,9 @@ __all__ = [
 _CHUNK = 1 << 18
 #: Smallest scale: the smallest normal float32, so a scale is never 0, NaN or subnormal.
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
+#: Largest |range end|: half the float32 maximum, so every grid point (q - z) * s stays finite
+#: (the lowest symmetric 2-bit level is -2 max|w|).
+_MAX_RANGE = float(np.finfo(np.float32).max) / 2
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class QParams:
     Attributes:
         bits: width 2..8.
         signed: True for symmetric (signed range, zero_point 0), False for asymmetric (unsigned).
-        scale: float32, shape ``(C,)`` per-channel (``C = w.shape[axis]``) or ``()`` per-tensor; > 0.
+        scale: float32, shape ``(C,)`` per-channel (``C = w.shape[axis]``) or ``()`` per-tensor;
+            > 0.
         zero_point: int32, same shape as ``scale``, inside ``quant_range(bits, signed)``.
         axis: channel axis (non-negative) or None for per-tensor.
     """
@@ -114,7 +118,8 @@ def choose_qparams(
     ``ScaleMethod.MSE`` is BRECQ's search: candidate ``i`` in ``0..steps-1`` shrinks ``rmin`` and
     ``rmax`` by ``1 - 0.01 i`` and each channel keeps the first candidate minimising
     ``mean |w - w'|^p`` (candidate 0 is min-max). An all-zero channel gets ``s = 1``; scales are
-    clamped to the smallest normal float32, so ``w / s`` never overflows.
+    clamped to the smallest normal float32 (never 0, NaN or subnormal, ``w / s`` never overflows)
+    and ranges to half the float32 maximum (every dequantized level is finite).
 
     Worked example, ``w = [-1, 0.5, 2]``, 2 bits, asymmetric (``qmin, qmax = 0, 3``)::
 
@@ -161,9 +166,8 @@ def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
     """
     w = np.asarray(w, dtype=np.float32)
     s, z = _broadcast_params(qp, w.ndim, w.shape)
-    y = np.rint(w / s)
-    np.clip(y, (qp.qmin - z).astype(np.float32), (qp.qmax - z).astype(np.float32), out=y)
-    return y.astype(np.int32) + z
+    y = np.clip(np.rint(w / s), (qp.qmin - z).astype(np.float32), (qp.qmax - z).astype(np.float32))
+    return np.asarray(y.astype(np.int32) + z)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
@@ -174,7 +178,7 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     """
     q = np.asarray(q)
     s, z = _broadcast_params(qp, q.ndim, q.shape)
-    return (q.astype(np.int32) - z).astype(np.float32) * s
+    return np.asarray((q.astype(np.int32) - z).astype(np.float32) * s)
 
 
 def fake_quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
@@ -296,8 +300,9 @@ def _grid(s: np.ndarray, z: np.ndarray, bits: int, signed: bool) -> _Grid:
 def _range_params(
     rmin: np.ndarray, rmax: np.ndarray, bits: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float32 scale and int32 zero point of the range ``[rmin, rmax]`` (float64, ∋ 0)."""
+    """Per-channel float32 scale and int32 zero point of ``[rmin, rmax]`` (float64, holding 0)."""
     qmin, qmax = quant_range(bits, symmetric)
+    rmin, rmax = np.maximum(rmin, -_MAX_RANGE), np.minimum(rmax, _MAX_RANGE)
     if symmetric:
         scale = np.maximum(-rmin, rmax) / qmax
     else:
@@ -325,12 +330,13 @@ def _choose_rows(
     if method is not ScaleMethod.MSE:
         raise ValueError(f"unknown scale method {method!r}")
     if not (np.isfinite(p) and p > 0) or not 1 <= steps <= 100:
-        raise ValueError(f"MSE search needs p > 0 and 1 <= steps <= 100, got p={p!r}, steps={steps!r}")
-    # BRECQ: candidate i shrinks the range by (1 - 0.01 i); the first best candidate per channel wins.
-    cands = [
-        [_range_params(rmin * (1.0 - 0.01 * i), rmax * (1.0 - 0.01 * i), b, symmetric) for i in range(steps)]
-        for b in bits
-    ]
+        raise ValueError(
+            f"MSE search needs p > 0 and steps in 1..100, got p={p!r}, steps={steps!r}"
+        )
+    # BRECQ: candidate i shrinks the range by (1 - 0.01 i); every width's candidates are scored in
+    # one pass over w, and each channel keeps its first best candidate.
+    shrink = [1.0 - 0.01 * i for i in range(steps)]
+    cands = [[_range_params(rmin * f, rmax * f, b, symmetric) for f in shrink] for b in bits]
     grids = [
         _grid(s.reshape(1, -1, 1), z.reshape(1, -1, 1), b, symmetric)
         for b, per_b in zip(bits, cands, strict=True)
@@ -341,7 +347,7 @@ def _choose_rows(
     chans = np.arange(x.shape[1])
     out = []
     for k, per_b in enumerate(cands):
-        s_all = np.stack([s for s, _ in per_b])
+        s_all = np.stack([s for s, _ in per_b])  # (steps, C)
         z_all = np.stack([z for _, z in per_b])
         out.append((s_all[best[k], chans], z_all[best[k], chans]))
     return out

@@ -109,10 +109,13 @@ class ValidationResult:
 
 
 def _is_unnamed(dim: object) -> bool:
-    return dim is None or (isinstance(dim, str) and dim in _UNNAMED) or (isinstance(dim, int) and dim < 0)
+    """True for a dim that is neither a size nor a name (None, "", "?", a negative int)."""
+    return dim is None or dim in _UNNAMED or (isinstance(dim, int) and dim < 0)
 
 
-def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -> dict[str, tuple[int, ...]]:
+def resolve_dims(
+    inputs: Sequence[ModelInput], dims: Mapping[str, int] | None
+) -> dict[str, tuple[int, ...]]:
     """Concrete shape per input; symbolic dims from ``dims`` by dim name. Raises ConfigError listing
     every unresolved symbolic dim (input name, position, dim name) when one is missing."""
     dims = dict(dims or {})
@@ -166,7 +169,9 @@ def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, .
     raise ConfigError(f"cannot make random samples of dtype {dtype.name!r}")
 
 
-def random_samples(inputs: Sequence[ModelInput], shapes: dict[str, tuple[int, ...]], num: int, seed: int) -> Samples:
+def random_samples(
+    inputs: Sequence[ModelInput], shapes: dict[str, tuple[int, ...]], num: int, seed: int
+) -> Samples:
     """``num`` random feeds of the resolved shapes (standard normal for float inputs, small
     non-negative ints for integer inputs, random bools), from np.random.default_rng(seed)."""
     if num < 1:
@@ -196,7 +201,7 @@ def _identity_model_bytes() -> bytes:
 
 @functools.cache
 def _cuda_works() -> bool:
-    """Open a tiny session on CUDA with onnxruntime's logger silenced; True when CUDA really runs it.
+    """Open a tiny session on CUDA, onnxruntime's logger silenced; True when CUDA really runs it.
 
     The "cannot load libcublasLt" error is written by onnxruntime's *default* logger while loading
     the provider library, so SessionOptions.log_severity_level alone does not silence it; the
@@ -211,8 +216,9 @@ def _cuda_works() -> bool:
     ort.set_default_logger_severity(_ORT_FATAL)
     try:
         sess = ort.InferenceSession(_identity_model_bytes(), sess_options=so, providers=[_CUDA])
+        logger.debug("CUDA probe: session runs on %s", sess.get_providers())
         return sess.get_providers()[0] == _CUDA
-    except Exception as e:  # noqa: BLE001 - any failure to open the probe means no CUDA
+    except Exception as e:  # any failure to open the probe means no CUDA
         logger.debug("CUDA probe failed: %s", e)
         return False
     finally:
@@ -220,8 +226,9 @@ def _cuda_works() -> bool:
 
 
 def available_providers(try_cuda: bool) -> tuple[str, ...]:
-    """Providers that actually work here: probes CUDA once, quietly (onnxruntime-gpu lists it even
-    on CPU-only machines and falls back with an error log); always ends with CPUExecutionProvider."""
+    """Providers that actually work here: probes CUDA once, quietly (onnxruntime-gpu lists it
+    even on CPU-only machines and falls back with an error log); always ends with
+    CPUExecutionProvider."""
     providers = (_CUDA, _CPU) if try_cuda and _cuda_works() else (_CPU,)
     logger.debug("onnxruntime providers: %s", ", ".join(providers))
     return providers
@@ -232,26 +239,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _open(path: Path, provider: str, level_name: str, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
+def _open(
+    path: Path, provider: str, level_name: str, level: ort.GraphOptimizationLevel
+) -> ort.InferenceSession:
     """Session from the path (so external data next to the file load); raises the bare ORT error."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
     chain = [provider] if provider == _CPU else [provider, _CPU]
     sess = ort.InferenceSession(str(path), sess_options=so, providers=chain)
-    if sess.get_providers()[0] != provider:
-        logger.warning("%s: asked for %s at %s, onnxruntime gave %s", path, provider, level_name, sess.get_providers())
+    if (got := sess.get_providers())[0] != provider:
+        logger.warning("%s: asked for %s at %s, got %s", path, provider, level_name, got)
     return sess
 
 
 def _tensor_output_names(sess: ort.InferenceSession, path: Path) -> tuple[str, ...]:
-    names = []
-    for out in sess.get_outputs():
-        if out.type.startswith("tensor(") and out.type != "tensor(string)":
-            names.append(out.name)
-        else:
-            logger.warning("%s: output %r of type %s is not compared", path, out.name, out.type)
-    return tuple(names)
+    """Numeric tensor outputs; sequences, maps and strings are not compared."""
+    numeric = [
+        o for o in sess.get_outputs() if o.type.startswith("tensor(") and "string" not in o.type
+    ]
+    for out in set(sess.get_outputs()) - set(numeric):
+        logger.warning("%s: output %r of type %s is not compared", path, out.name, out.type)
+    return tuple(o.name for o in numeric)
 
 
 @dataclass
@@ -262,7 +271,6 @@ class _Reference:
     batches: list[list[np.ndarray]] = field(default_factory=list)
     energy: list[float] = field(default_factory=list)  # sum(fp^2) per output, float64
     classifier: int | None = None  # index of the first classifier-like output
-    rows: list[int] = field(default_factory=list)  # classifier rows per batch
 
 
 def _is_classifier(a: np.ndarray) -> bool:
@@ -273,7 +281,9 @@ def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Re
     try:
         sess = _open(fp_path, _CPU, "ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except Exception as e:
-        raise ModelLoadError(f"{fp_path}: onnxruntime cannot open the FP model: {_first_line(e)}") from e
+        raise ModelLoadError(
+            f"onnxruntime cannot open the FP model {fp_path}: {_first_line(e)}"
+        ) from e
     ref = _Reference(names=_tensor_output_names(sess, fp_path))
     ref.energy = [0.0] * len(ref.names)
     for i, feed in enumerate(samples.feeds):
@@ -281,14 +291,13 @@ def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Re
             outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
         except Exception as e:
             raise CalibrationError(
-                f"{fp_path}: onnxruntime cannot run the FP model on batch {i} of {samples.source}: {_first_line(e)}"
+                f"{fp_path}: onnxruntime cannot run the FP model on batch {i} of "
+                f"{samples.source}: {_first_line(e)}"
             ) from e
         if i == 0:
             ref.classifier = next((k for k, o in enumerate(outs) if _is_classifier(o)), None)
         for k, o in enumerate(outs):
             ref.energy[k] += float(np.sum(np.square(o, dtype=np.float64)))
-        if ref.classifier is not None:
-            ref.rows.append(outs[ref.classifier].shape[0])
         ref.batches.append(outs)
         tick()
     return ref
@@ -298,27 +307,21 @@ def _check_labels(labels: np.ndarray | None, ref: _Reference) -> np.ndarray | No
     if labels is None:
         return None
     if ref.classifier is None:
-        logger.warning("labels given but the model has no classifier-like output (rank 2); no accuracy")
+        logger.warning("labels given, but no output is classifier-like (rank 2); no accuracy")
         return None
     labels = np.asarray(labels).reshape(-1)
-    if labels.shape[0] != sum(ref.rows):
+    rows = sum(b[ref.classifier].shape[0] for b in ref.batches)
+    if labels.shape[0] != rows:
         raise CalibrationError(
-            f"{labels.shape[0]} labels for {sum(ref.rows)} samples (rows of output {ref.names[ref.classifier]!r})"
+            f"{labels.shape[0]} labels for {rows} samples "
+            f"(rows of output {ref.names[ref.classifier]!r})"
         )
     return labels
 
 
-def _accuracy(logits: Sequence[np.ndarray], labels: np.ndarray) -> float:
-    hits = sum(int(np.sum(np.argmax(b, axis=-1) == labels[o : o + b.shape[0]])) for b, o in _with_offsets(logits))
-    return hits / labels.shape[0]
-
-
-def _with_offsets(batches: Sequence[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-    out, offset = [], 0
-    for b in batches:
-        out.append((b, offset))
-        offset += b.shape[0]
-    return out
+def _accuracy(predictions: Sequence[np.ndarray], labels: np.ndarray) -> float:
+    """Fraction of samples whose predicted class (argmax, per batch) equals the label."""
+    return float(np.mean(np.concatenate(predictions) == labels))
 
 
 @dataclass
@@ -353,30 +356,33 @@ def _run_quant(
     level: tuple[str, ort.GraphOptimizationLevel],
     samples: Samples,
     ref: _Reference,
-    labels: np.ndarray | None,
     tick: Callable[[], None],
 ) -> tuple[list[_Acc], list[np.ndarray]]:
-    """Run every batch on one configuration; returns the accumulators and the classifier outputs."""
+    """Run every batch on one configuration; returns the accumulators and the predicted classes."""
     where = f"{quant_path} on {provider} at {level[0]}"
     try:
         sess = _open(quant_path, provider, *level)
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot create a session for {where}: {_first_line(e)}") from e
+        raise ExportError(f"onnxruntime cannot open {where}: {_first_line(e)}") from e
     accs = [_Acc() for _ in ref.names]
-    logits: list[np.ndarray] = []
+    predictions: list[np.ndarray] = []
     for i, (feed, fp_outs) in enumerate(zip(samples.feeds, ref.batches, strict=True)):
         try:
             outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
         except Exception as e:
-            raise ExportError(f"onnxruntime failed running batch {i} for {where}: {_first_line(e)}") from e
+            raise ExportError(
+                f"onnxruntime failed on batch {i} of {where}: {_first_line(e)}"
+            ) from e
         for name, acc, fp, q in zip(ref.names, accs, fp_outs, outs, strict=True):
             if fp.shape != q.shape:
-                raise ExportError(f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}")
+                raise ExportError(
+                    f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}"
+                )
             acc.add(fp, q)
-        if labels is not None and ref.classifier is not None:
-            logits.append(outs[ref.classifier])
+        if ref.classifier is not None:
+            predictions.append(np.argmax(outs[ref.classifier], axis=-1))
         tick()
-    return accs, logits
+    return accs, predictions
 
 
 def _metrics(ref: _Reference, accs: Sequence[_Acc]) -> tuple[OutputMetrics, ...]:
@@ -410,7 +416,7 @@ def validate(
     cfg: ValidateConfig,
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationResult:
-    """Run FP (CPU, ORT_DISABLE_ALL... reference) and quantized models on ``samples``; metrics per run.
+    """Run FP (CPU, ORT_DISABLE_ALL: the reference) and quantized models on ``samples``.
 
     The FP model runs once, on CPU with optimisations off. The quantized model runs for every
     provider of :func:`available_providers` at ORT_ENABLE_ALL and at ORT_DISABLE_ALL.
@@ -429,12 +435,12 @@ def validate(
     labels = _check_labels(samples.labels, ref)
     top1_fp = None
     if labels is not None and ref.classifier is not None:
-        top1_fp = _accuracy([b[ref.classifier] for b in ref.batches], labels)
+        top1_fp = _accuracy([np.argmax(b[ref.classifier], axis=-1) for b in ref.batches], labels)
     runs = []
     for provider in providers:
         for level in _LEVELS:
-            accs, logits = _run_quant(Path(quant_path), provider, level, samples, ref, labels, tick)
-            top1_quant = _accuracy(logits, labels) if labels is not None and logits else None
+            accs, predictions = _run_quant(Path(quant_path), provider, level, samples, ref, tick)
+            top1_quant = _accuracy(predictions, labels) if labels is not None else None
             run = RunMetrics(provider, level[0], _metrics(ref, accs), top1_fp, top1_quant)
             worst = min((o.sqnr_db for o in run.outputs), default=float("inf"))
             logger.info("validate %s %s: lowest output SQNR %.2f dB", provider, level[0], worst)

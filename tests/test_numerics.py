@@ -1,8 +1,9 @@
-"""Tests of onnx_mixquant.numerics: bit-exactness with the ONNX reference, properties, edge cases."""
+"""Tests of onnx_mixquant.numerics: bit-exact with onnx.reference, properties, edge cases."""
 
 from __future__ import annotations
 
 import tracemalloc
+from typing import cast
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ PROPS = settings(max_examples=150, deadline=None, derandomize=True)
 AXES = [None, 0, 1, -1]
 
 # ONNX storage type -> (signed, bits, min opset)
-STORAGE = {
+STORAGE: dict[int, tuple[bool, int, int]] = {
     TensorProto.UINT8: (False, 8, 21),
     TensorProto.INT8: (True, 8, 21),
     TensorProto.UINT4: (False, 4, 21),
@@ -56,8 +57,11 @@ def _reference(op: str, x: np.ndarray, qp: QParams, elem_type: int) -> np.ndarra
     scale = numpy_helper.from_array(np.asarray(qp.scale, np.float32), "s")
     zp = np.asarray(qp.zero_point)
     z = helper.make_tensor("z", elem_type, zp.shape, zp.astype(np.int32).ravel().tolist())
-    attrs = {} if qp.axis is None else {"axis": qp.axis}
-    node = helper.make_node(op, ["x", "s", "z"], ["y"], **attrs)
+    node = helper.make_node(op, ["x", "s", "z"], ["y"])
+    if qp.axis is not None:
+        node.attribute.append(helper.make_attribute("axis", qp.axis))
+    in_type: int
+    out_type: int
     if op == "QuantizeLinear":
         in_type, out_type = TensorProto.FLOAT, elem_type
     else:
@@ -71,7 +75,8 @@ def _reference(op: str, x: np.ndarray, qp: QParams, elem_type: int) -> np.ndarra
         initializer=[scale, z],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, {"x": x})[0]
+    outputs = cast(list, ReferenceEvaluator(model).run(None, {"x": x}))
+    return np.asarray(outputs[0])
 
 
 def _scale_like(qp: QParams, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -142,7 +147,8 @@ def test_axis_is_normalised_and_shapes() -> None:
 @pytest.mark.parametrize("smallest", [False, True], ids=["8bit-container", "int4-int2"])
 def test_quantize_matches_onnx_reference(bits: int, symmetric: bool, axis, smallest: bool) -> None:
     x, qp = _random_case(bits * 10 + symmetric, bits, symmetric, axis)
-    ref = _reference("QuantizeLinear", x, qp, _container(bits, symmetric, smallest)).astype(np.int32)
+    storage = _container(bits, symmetric, smallest)
+    ref = _reference("QuantizeLinear", x, qp, storage).astype(np.int32)
     # Widths below the container's: the container saturates first, then the range is restricted.
     expected = np.clip(ref, qp.qmin, qp.qmax)
     got = quantize(x, qp)
@@ -230,7 +236,7 @@ def test_roundoff_is_at_most_half_a_step_inside_the_range(case, t) -> None:
     _check_half_step(w, qp, slack=1e-5)
     # points spread over t times the range, t in [-2, 2]
     s = _scale_like(qp, w.shape, np.float64)
-    x = (t * s * (2 ** qp.bits - 1)).astype(np.float32)
+    x = (t * s * (2**qp.bits - 1)).astype(np.float32)
     _check_half_step(x, qp, slack=0)
 
 
@@ -268,7 +274,10 @@ def test_zero_is_exactly_representable_in_asymmetric_mode(case) -> None:
 
 
 def test_more_bits_can_give_more_error() -> None:
-    """DESIGN's example: w = [1, 1/3] lies on the symmetric 3-bit grid (s = 1/3), not the 4-bit one."""
+    """DESIGN's example: w = [1, 1/3] is on the symmetric 3-bit grid (s = 1/3), not on the 4-bit one.
+
+    So the error table is not monotone in the width; the search must not assume it is.
+    """
     w = np.array([1.0, 1.0 / 3.0], np.float32)
     e = roundoff_errors(w, [3, 4], symmetric=True, axis=None)
     assert e[0] < 1e-12
@@ -301,7 +310,7 @@ def test_degenerate_channels_get_valid_scales(bits: int, symmetric: bool, method
     assert qp.scale[0] == 1.0 and qp.zero_point[0] == (0 if symmetric else qp.qmin)
     if method is ScaleMethod.MINMAX:
         np.testing.assert_allclose(fake_quantize(w, qp)[1:3], w[1:3], rtol=1e-6)
-    for x in (np.zeros(7, np.float32), np.float32(-2.0), np.array([3.0], np.float32)):
+    for x in (np.zeros(7, np.float32), np.array(-2.0, np.float32), np.array([3.0], np.float32)):
         qp = choose_qparams(x, bits, symmetric=symmetric, axis=None, method=method)
         assert np.isfinite(qp.scale) and qp.scale > 0 and qp.scale.shape == ()
         assert np.all(fake_quantize(np.zeros_like(x), qp) == 0.0)
@@ -321,7 +330,8 @@ def test_check_finite_names_the_tensor() -> None:
     check_finite("empty", np.zeros((0,), np.float32))
     w = np.ones((3, 4), np.float32)
     w[0, 1], w[2, 2], w[2, 3] = np.nan, np.inf, -np.inf
-    with pytest.raises(UnsupportedModelError, match=r"weight 'conv1\.weight': contains NaN/Inf") as e:
+    msg = r"weight 'conv1\.weight': contains NaN/Inf"
+    with pytest.raises(UnsupportedModelError, match=msg) as e:
         check_finite("conv1.weight", w)
     assert "1 NaN" in str(e.value) and "2 Inf" in str(e.value) and "(3, 4)" in str(e.value)
 
@@ -340,7 +350,9 @@ def test_mse_search_beats_minmax_on_heavy_tails(bits: int, symmetric: bool) -> N
     mm = choose_qparams(w, bits, symmetric=symmetric, axis=0)
     mse = choose_qparams(w, bits, symmetric=symmetric, axis=0, method=ScaleMethod.MSE)
     assert np.all(_p_error(w, mse) <= _p_error(w, mm) * (1 + 1e-5))
-    assert np.all(mse.scale <= mm.scale) and np.any(mse.scale < mm.scale)
+    assert np.all(mse.scale <= mm.scale)
+    if bits < 8:  # at 8 bits rounding noise is too small for clipping the tails to pay
+        assert np.any(mse.scale < mm.scale)
     # candidate 0 is min-max
     one = choose_qparams(w, bits, symmetric=symmetric, axis=0, method=ScaleMethod.MSE, steps=1)
     assert np.array_equal(one.scale, mm.scale) and np.array_equal(one.zero_point, mm.zero_point)
@@ -351,13 +363,13 @@ def test_mse_search_is_the_per_channel_argmin_over_candidates() -> None:
     w = rng.laplace(size=(4, 64)).astype(np.float32)
     qp = choose_qparams(w, 3, symmetric=False, axis=0, method=ScaleMethod.MSE, steps=20)
     for c in range(4):
-        rmin, rmax = min(w[c].min(), 0.0), max(w[c].max(), 0.0)
+        rmin, rmax = min(float(w[c].min()), 0.0), max(float(w[c].max()), 0.0)
         scores = []
         for i in range(20):
             f = 1.0 - 0.01 * i
-            s = np.float32((rmax * f - rmin * f) / 7)
-            z = np.int32(np.clip(np.rint(-rmin * f / np.float64(s)), 0, 7))
-            cand = QParams(3, False, s.reshape(()), z.reshape(()), None)
+            s = np.array((rmax * f - rmin * f) / 7, np.float32)
+            z = np.array(np.clip(np.rint(-rmin * f / float(s)), 0, 7), np.int32)
+            cand = QParams(3, False, s, z, None)
             scores.append(float(_p_error(w[c : c + 1], cand)[0]))
         best = int(np.argmin(scores))
         cand_qp = QParams(3, False, qp.scale[c].reshape(()), qp.zero_point[c].reshape(()), None)

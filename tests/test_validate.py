@@ -33,7 +33,12 @@ def _save_matmul(path: Path, w: np.ndarray, external: bool = False) -> Path:
     model = ir.from_onnx_text(MATMUL)
     model.graph.initializers["W"].const_value = ir.tensor(w, name="W")
     # External data for W only: onnxruntime cannot read an external ``axes`` during shape inference.
-    ir.save(model, path, external_data=path.name + ".data" if external else None, size_threshold_bytes=100)
+    ir.save(
+        model,
+        path,
+        external_data=path.name + ".data" if external else None,
+        size_threshold_bytes=100,
+    )
     return path
 
 
@@ -57,12 +62,17 @@ def _sqnr(fp: np.ndarray, q: np.ndarray) -> float:
     return 10 * math.log10(np.sum(fp**2) / np.sum((fp - q) ** 2))
 
 
-def test_identical_models_give_inf_sqnr(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_identical_models_give_inf_sqnr(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights)
     res = V.validate(fp, q, _samples(x_batches), CFG)
     assert res.providers == (CPU,)
-    assert [(r.provider, r.optimization) for r in res.runs] == [(CPU, "ORT_ENABLE_ALL"), (CPU, "ORT_DISABLE_ALL")]
+    assert [(r.provider, r.optimization) for r in res.runs] == [
+        (CPU, "ORT_ENABLE_ALL"),
+        (CPU, "ORT_DISABLE_ALL"),
+    ]
     assert res.num_samples == 13 and res.sample_source == "test"
     for run in res.runs:
         assert [o.name for o in run.outputs] == ["y", "s"]
@@ -72,7 +82,9 @@ def test_identical_models_give_inf_sqnr(tmp_path: Path, weights: np.ndarray, x_b
         assert run.top1_fp is None and run.top1_quant is None
 
 
-def test_perturbed_weights_match_numpy(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_perturbed_weights_match_numpy(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     delta = (0.3 * np.random.default_rng(3).standard_normal(weights.shape)).astype(np.float32)
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights + delta)
@@ -89,7 +101,9 @@ def test_perturbed_weights_match_numpy(tmp_path: Path, weights: np.ndarray, x_ba
         assert s.sqnr_db == pytest.approx(_sqnr(y_fp.sum(1), y_q.sum(1)), abs=1e-3)
 
 
-def test_labels_give_accuracy(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_labels_give_accuracy(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     delta = (0.3 * np.random.default_rng(3).standard_normal(weights.shape)).astype(np.float32)
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights + delta)
@@ -103,13 +117,17 @@ def test_labels_give_accuracy(tmp_path: Path, weights: np.ndarray, x_batches: li
         assert run.top1_quant == pytest.approx(expected_q)
 
 
-def test_label_count_mismatch(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_label_count_mismatch(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     with pytest.raises(CalibrationError, match="12 labels for 13 samples"):
         V.validate(fp, fp, _samples(x_batches, np.zeros(12, np.int64)), CFG)
 
 
-def test_progress_and_external_data(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_progress_and_external_data(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights, external=True)
     assert (tmp_path / "q.onnx.data").exists()
@@ -119,7 +137,9 @@ def test_progress_and_external_data(tmp_path: Path, weights: np.ndarray, x_batch
     assert all(r.outputs[0].sqnr_db == math.inf for r in res.runs)
 
 
-def test_session_failure_is_export_error(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
+def test_session_failure_is_export_error(
+    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
+) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     bad = ir.from_onnx_text("""
         <ir_version: 10, opset_import: ["" : 21]>
@@ -155,7 +175,11 @@ def test_resolve_dims() -> None:
 
 
 def test_random_samples_deterministic() -> None:
-    inputs = [ModelInput("x", "float32", (2, 3)), ModelInput("i", "int64", (2,)), ModelInput("b", "bool", (2,))]
+    inputs = [
+        ModelInput("x", "float32", (2, 3)),
+        ModelInput("i", "int64", (2,)),
+        ModelInput("b", "bool", (2,)),
+    ]
     shapes = V.resolve_dims(inputs, None)
     a, b = V.random_samples(inputs, shapes, 3, seed=7), V.random_samples(inputs, shapes, 3, seed=7)
     c = V.random_samples(inputs, shapes, 3, seed=8)
@@ -185,6 +209,6 @@ def test_cuda_probe_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
     assert V.available_providers(True) == providers  # cached: the probe runs once per process
     assert V._cuda_works.cache_info().misses == 1
     out, err = capfd.readouterr()
-    # onnxruntime-gpu logs "Failed to load libcublasLt" from C++ to fd 2 unless its default logger is
-    # silenced; capfd sees fd-level output, so this checks the C++ logger too.
+    # onnxruntime-gpu logs "Failed to load libcublasLt" from C++ to fd 2 unless its default
+    # logger is silenced; capfd sees fd-level output, so this checks the C++ logger too.
     assert out == "" and err == ""
