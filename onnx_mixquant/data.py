@@ -116,7 +116,8 @@ def _from_npz(
             f"{path}: no array for model input(s) {', '.join(map(repr, missing))}; has {data.files}"
         )
     arrays = {name: data[name] for name in expected}
-    labels = data[LABELS_KEY] if LABELS_KEY in data.files else None
+    has_labels = LABELS_KEY in data.files and LABELS_KEY not in expected  # an input may be "labels"
+    labels = data[LABELS_KEY] if has_labels else None
     return arrays, labels
 
 
@@ -128,8 +129,7 @@ def _single_input(
         names = ", ".join(repr(inp.name) for inp in inputs)
         raise CalibrationError(
             f"{path}: a .npy file holds one array, but the model has {len(inputs)} inputs "
-            f"({names}); "
-            "use a .npz with one array per input name"
+            f"({names}); use a .npz with one array per input name"
         )
     return {inputs[0].name: array}
 
@@ -145,7 +145,7 @@ def _is_unnamed(dim: object) -> bool:
 def _check_one(
     path: Path, inp: ModelInput, a: np.ndarray, named: dict[str, tuple[str, int]]
 ) -> None:
-    """Check dtype, rank and dims of one array; record symbolic dims in ``named`` (name -> (who, n))."""
+    """Check dtype, rank and dims of one array; note symbolic dims in ``named`` (name -> who, n)."""
     where = f"{path}: input {inp.name!r}"
     if inp.dtype in _UNNAMED:
         logger.debug(

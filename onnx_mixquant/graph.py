@@ -29,6 +29,7 @@ __all__ = [
     "WeightSite",
     "default_opset",
     "find_weight_sites",
+    "first_reader",
     "load_model",
     "node_names",
     "read_model",
@@ -111,16 +112,15 @@ class ReadModel:
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-#: Constant attributes that hold no tensor, and why such a constant is skipped.
-_CONSTANT_ATTR_REASONS = {
-    "value_float": "scalar/1-D constant",
-    "value_floats": "scalar/1-D constant",
-    "value_int": "integer tensor",
-    "value_ints": "integer tensor",
-    "value_string": "string tensor",
-    "value_strings": "string tensor",
-    "sparse_value": "sparse constant",
+#: Constant attributes other than ``value`` (plural forms drop the "s"): dtype, why skipped.
+_CONSTANT_ATTRS = {
+    "value_float": (ir.DataType.FLOAT, "scalar/1-D constant"),
+    "value_int": (ir.DataType.INT64, "integer tensor"),
+    "value_string": (ir.DataType.STRING, "string tensor"),
 }
+_GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+#: A read of a value: (node, input index).
+_Use = tuple[ir.Node, int]
 
 
 @dataclass
@@ -297,10 +297,11 @@ def _constant_candidate(node: ir.Node, path: str) -> _Candidate:
     if tensor is not None:
         return _Candidate(value, path, "constant", tensor.dtype, tuple(tensor.shape.numpy()))
     attr_name = next(iter(node.attributes), "")
-    reason = _CONSTANT_ATTR_REASONS.get(attr_name, f"Constant with attribute {attr_name!r}")
+    dtype, reason = _CONSTANT_ATTRS.get(
+        attr_name.removesuffix("s"), (ir.DataType.UNDEFINED, f"Constant with {attr_name!r}")
+    )
     attr_value = node.attributes[attr_name].value if attr_name else None
     shape = (len(attr_value),) if isinstance(attr_value, (list, tuple)) else ()
-    dtype = value.dtype if value.dtype is not None else ir.DataType.UNDEFINED
     return _Candidate(value, path, "constant", dtype, shape, reason)
 
 
@@ -321,7 +322,7 @@ def _is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-def _role(use: ir.Usage, rank: int) -> int | str | None:
+def _role(use: _Use, rank: int) -> int | str | None:
     """What ``use`` reads: a weight (its per-channel axis), ``"bias"``, another reason to skip
     (with ``{}`` for the node name), or None for an ordinary read."""
     node, idx = use
@@ -349,13 +350,13 @@ def _role(use: ir.Usage, rank: int) -> int | str | None:
     return None
 
 
-def _read_reason(c: _Candidate, uses: list[ir.Usage]) -> str:
+def _read_reason(c: _Candidate, uses: list[_Use]) -> str:
     """Reason to skip from the candidate itself, its dtype and whether anything reads it."""
     if c.reason:
         return c.reason
     if not uses:
         return "graph output, read by no node" if c.value.is_graph_output() else "unused"
-    if any(u.node.op_type in _QDQ_OPS for u in uses):
+    if any(node.op_type in _QDQ_OPS for node, _ in uses):
         return "already quantized"
     if c.dtype == ir.DataType.FLOAT:
         return ""
@@ -368,27 +369,27 @@ def _read_reason(c: _Candidate, uses: list[ir.Usage]) -> str:
 
 def _classify(c: _Candidate, scan: _Scan) -> tuple[WeightSite | SkippedWeight, int]:
     """The site or skip record of one candidate, and the walk position of its first weight use."""
-    uses = sorted(c.value.uses(), key=lambda u: (scan.order[u.node], u.idx))
+    uses = sorted(((u.node, u.idx) for u in c.value.uses()), key=lambda u: (scan.order[u[0]], u[1]))
     weights: list[tuple[ir.Node, int]] = []
     reason = _read_reason(c, uses)
     if not reason:
         weights, reason = _weight_uses(c, uses, scan)
     if reason:
         return SkippedWeight(c.value.name or "", c.shape, c.dtype.name, reason), -1
-    return _site(c, weights, [u.node for u in uses], scan), scan.order[weights[0][0]]
+    return _site(c, weights, [node for node, _ in uses], scan), scan.order[weights[0][0]]
 
 
 def _weight_uses(
-    c: _Candidate, uses: list[ir.Usage], scan: _Scan
+    c: _Candidate, uses: list[_Use], scan: _Scan
 ) -> tuple[list[tuple[ir.Node, int]], str]:
     """The (node, axis) pairs reading ``c`` as a weight, and the reason to skip it ("" if none)."""
     weights: list[tuple[ir.Node, int]] = []
     notes: list[str] = []
     biases: list[str] = []
-    for use in uses:
-        role, name = _role(use, len(c.shape)), scan.names[use.node]
+    for node, idx in uses:
+        role, name = _role((node, idx), len(c.shape)), scan.names[node]
         if isinstance(role, int):
-            weights.append((use.node, role))
+            weights.append((node, role))
         elif role == "bias":
             biases.append(name)
         elif role is not None:
@@ -399,7 +400,7 @@ def _weight_uses(
         return weights, bad
     if notes or biases:
         return [], notes[0] if notes else f"bias of {biases[0]} (biases stay float)"
-    ops = ", ".join(sorted({u.node.op_type for u in uses}))
+    ops = ", ".join(sorted({node.op_type for node, _ in uses}))
     return [], f"not a weight of Conv/ConvTranspose/Gemm/MatMul (read by {ops})"
 
 
@@ -481,6 +482,25 @@ def weight_array(value: ir.Value) -> np.ndarray:
         return tensor.numpy()
     except OSError as e:
         raise ModelLoadError(f"weight {value.name!r}: cannot read its external data: {e}") from e
+
+
+def first_reader(value: ir.Value) -> ir.Node | None:
+    """The first node of ``value.graph`` that reads ``value``, itself or inside its subgraphs.
+
+    The place to insert one DequantizeLinear for a weight that every reader can see: a
+    weight read inside an ``If`` branch is read, for its own graph, by the ``If`` node.
+    None when nothing reads it.
+    """
+    readers = {use.node for use in value.uses()}
+    for node in value.graph or ():
+        if node in readers:
+            return node
+        for attr in node.attributes.values():
+            if isinstance(attr, ir.Attr) and attr.type in _GRAPH_ATTRS:
+                subgraphs = [attr.as_graph()] if attr.type == _GRAPH_ATTRS[0] else attr.as_graphs()
+                if any(n in readers for g in subgraphs for n in g.all_nodes()):
+                    return node
+    return None
 
 
 def read_model(path: str | Path) -> ReadModel:

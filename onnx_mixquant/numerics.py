@@ -192,8 +192,6 @@ def roundoff_error(w: np.ndarray, qp: QParams) -> float:
     Differences are float32 (bit-exact fake quantization); squares are summed in float64.
     """
     w = np.asarray(w, dtype=np.float32)
-    if w.size == 0:
-        raise ValueError("roundoff_error of an empty tensor")
     s, z = _broadcast_params(qp, w.ndim, w.shape)
     x = _view3(w, qp.axis)
     grid = _grid(s.reshape(1, -1, 1), z.reshape(1, -1, 1), qp.bits, qp.signed)
@@ -213,8 +211,8 @@ def roundoff_errors(
     """Roundoff error of ``w`` at several widths: the MixQuant error table row of one weight.
 
     Equals ``[roundoff_error(w, choose_qparams(w, b, ...)) for b in bits]`` but reads ``w`` once for
-    the min/max, once for the errors of every width (plus the MSE search passes, which also score
-    all widths together).
+    the min/max of every width and once, chunk by chunk, for the errors of every width (plus one
+    search pass per width with ``ScaleMethod.MSE``).
 
     Args:
         w: float32 weights, any rank.
@@ -333,24 +331,31 @@ def _choose_rows(
         raise ValueError(
             f"MSE search needs p > 0 and steps in 1..100, got p={p!r}, steps={steps!r}"
         )
-    # BRECQ: candidate i shrinks the range by (1 - 0.01 i); every width's candidates are scored in
-    # one pass over w, and each channel keeps its first best candidate.
-    shrink = [1.0 - 0.01 * i for i in range(steps)]
-    cands = [[_range_params(rmin * f, rmax * f, b, symmetric) for f in shrink] for b in bits]
-    grids = [
-        _grid(s.reshape(1, -1, 1), z.reshape(1, -1, 1), b, symmetric)
-        for b, per_b in zip(bits, cands, strict=True)
-        for s, z in per_b
-    ]
-    scores = _score_rows(x, grids, p).reshape(len(bits), steps, -1)
-    best = scores.argmin(axis=1)  # (len(bits), C); argmin keeps the first of equal scores
+    return [_search_mse(x, rmin, rmax, b, symmetric, p, steps) for b in bits]
+
+
+def _search_mse(
+    x: np.ndarray,
+    rmin: np.ndarray,
+    rmax: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    p: float,
+    steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BRECQ's range search on the ``(A, C, B)`` view: per channel, the first best candidate.
+
+    Candidate ``i`` shrinks ``[rmin, rmax]`` (each ``(C,)``) by ``1 - 0.01 i``; its score is
+    ``sum |w - w'|^p`` over the channel (the mean up to a constant). All candidates are scored in
+    one pass over ``w``; the parameters take ``O(steps * C)`` memory, never ``O(steps * w.size)``.
+    """
+    shrink = 1.0 - 0.01 * np.arange(steps, dtype=np.float64)[:, None]  # (steps, 1); row 0 is 1.0
+    scale, zp = _range_params(rmin * shrink, rmax * shrink, bits, symmetric)  # (steps, C) each
+    s, lo, hi = _grid(scale[:, None, :, None], zp[:, None, :, None], bits, symmetric)
+    scores = _score_rows(x, list(zip(s, lo, hi, strict=True)), p)  # (steps, C)
+    best = scores.argmin(axis=0)  # argmin keeps the first of equal scores, as BRECQ's strict "<"
     chans = np.arange(x.shape[1])
-    out = []
-    for k, per_b in enumerate(cands):
-        s_all = np.stack([s for s, _ in per_b])  # (steps, C)
-        z_all = np.stack([z for _, z in per_b])
-        out.append((s_all[best[k], chans], z_all[best[k], chans]))
-    return out
+    return scale[best, chans], zp[best, chans]
 
 
 def _score_rows(x: np.ndarray, grids: list[_Grid], p: float) -> np.ndarray:

@@ -147,16 +147,17 @@ def resolve_dims(
 
 
 def _np_dtype(inp: ModelInput) -> np.dtype:
-    try:
-        if inp.dtype in _UNNAMED:  # np.dtype("?") would be bool
-            raise TypeError(inp.dtype)
-        return np.dtype(inp.dtype)
-    except TypeError as e:
-        raise ConfigError(
-            f"input {inp.name!r}: cannot make random samples of element type {inp.dtype!r}"
-            + (" (unknown element type)" if inp.dtype in _UNNAMED else "")
-            + "; give sample data"
-        ) from e
+    """The input's NumPy dtype, when random samples can be drawn for it (float, int, bool)."""
+    dtype = None
+    if inp.dtype not in _UNNAMED:  # np.dtype("?") would be bool
+        try:
+            dtype = np.dtype(inp.dtype)
+        except TypeError:
+            pass
+    if dtype is None or dtype.kind not in "fiub":
+        what = "unknown element type" if inp.dtype in _UNNAMED else f"element type {inp.dtype!r}"
+        raise ConfigError(f"input {inp.name!r}: cannot make random samples of {what}; give data")
+    return dtype
 
 
 def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -164,9 +165,7 @@ def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, .
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind in "iu":
         return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.random(shape) < 0.5
-    raise ConfigError(f"cannot make random samples of dtype {dtype.name!r}")
+    return rng.random(shape) < 0.5
 
 
 def random_samples(
@@ -181,13 +180,10 @@ def random_samples(
         if name not in shapes:
             raise ConfigError(f"input {name!r}: no resolved shape")
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(num):
-        try:
-            feeds.append({n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()})
-        except ConfigError as e:
-            raise ConfigError(f"{e} (model inputs: {', '.join(dtypes)})") from e
-    return Samples(feeds=tuple(feeds), labels=None, source=f"random (seed {seed})")
+    feeds = tuple(
+        {n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()} for _ in range(num)
+    )
+    return Samples(feeds=feeds, labels=None, source=f"random (seed {seed})")
 
 
 def _identity_model_bytes() -> bytes:
@@ -255,12 +251,13 @@ def _open(
 
 def _tensor_output_names(sess: ort.InferenceSession, path: Path) -> tuple[str, ...]:
     """Numeric tensor outputs; sequences, maps and strings are not compared."""
-    numeric = [
-        o for o in sess.get_outputs() if o.type.startswith("tensor(") and "string" not in o.type
-    ]
-    for out in set(sess.get_outputs()) - set(numeric):
-        logger.warning("%s: output %r of type %s is not compared", path, out.name, out.type)
-    return tuple(o.name for o in numeric)
+    names = []
+    for out in sess.get_outputs():
+        if out.type.startswith("tensor(") and out.type != "tensor(string)":
+            names.append(out.name)
+        else:
+            logger.warning("%s: output %r of type %s is not compared", path, out.name, out.type)
+    return tuple(names)
 
 
 @dataclass

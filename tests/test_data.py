@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def _arrays(n: int = 7, t: int = 5) -> dict[str, np.ndarray]:
     }
 
 
-def _npz(tmp_path: Path, name: str = "s.npz", **arrays: np.ndarray) -> Path:
+def _npz(tmp_path: Path, name: str = "s.npz", /, **arrays: Any) -> Path:
     path = tmp_path / name
     np.savez(path, **arrays)
     return path
@@ -179,3 +180,9 @@ def test_bad_options(tmp_path: Path) -> None:
         load_samples(path, [X], batch_size=0)
     with pytest.raises(ConfigError, match="limit"):
         load_samples(path, [X], limit=0)
+
+
+def test_input_named_labels_is_an_input(tmp_path: Path) -> None:
+    inp = ModelInput("labels", "int64", ("N",))
+    s = load_samples(_npz(tmp_path, "data.npz", labels=np.arange(3)), [inp])
+    assert s.labels is None and list(s.feeds[0]["labels"]) == [0, 1, 2]

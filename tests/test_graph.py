@@ -17,6 +17,7 @@ from onnx_mixquant.graph import (
     WeightSite,
     default_opset,
     find_weight_sites,
+    first_reader,
     load_model,
     node_names,
     read_model,
@@ -30,11 +31,13 @@ HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
 
 def _init(name: str, shape: tuple[int, ...], dtype: str = "float", seed: int = 0) -> str:
     """Text of an initializer ``name`` holding seeded values (ints for int64)."""
-    values = np.random.default_rng(seed).standard_normal(int(np.prod(shape))).round(3)
+    size = int(np.prod(shape))
     if dtype == "int64":
-        values = np.arange(values.size)
+        values = [str(v) for v in range(size)]
+    else:
+        values = [str(v) for v in np.random.default_rng(seed).standard_normal(size).round(3)]
     dims = ",".join(map(str, shape))
-    return f"{dtype}[{dims}] {name} = {{{', '.join(str(v) for v in values.tolist())}}}"
+    return f"{dtype}[{dims}] {name} = {{{', '.join(values)}}}"
 
 
 def _model(inputs: str, outputs: str, inits: list[str], body: str, opset: int = 17) -> ir.Model:
@@ -67,9 +70,7 @@ def test_weight_axis_per_op(node: str, shape: tuple[int, ...], axis: int) -> Non
     sites, skipped = find_weight_sites(model)
     op = node.split()[2]
     assert skipped == ()
-    assert sites == (
-        WeightSite("w", shape, axis, (f"{op}_0",), (op,), (), "", "initializer"),
-    )
+    assert sites == (WeightSite("w", shape, axis, (f"{op}_0",), (op,), (), "", "initializer"),)
     assert sites[0].size == int(np.prod(shape))
 
 
@@ -118,6 +119,15 @@ def test_weights_in_if_branches_and_loop_body_in_walk_order() -> None:
     assert list(values) == [s.name for s in sites]
     assert values["w_loop"].graph is not model.graph
     assert weight_array(values["w_else"]).shape == (3, 3)
+    names = node_names(model)
+    readers = {k: first_reader(v) for k, v in values.items()}
+    assert {k: names[n] for k, n in readers.items() if n is not None} == {
+        "w_loop": "MatMul_2",
+        "w_then": "MatMul_4",
+        "w_main": "If_3",  # read inside the else branch: a DQ must go before the If
+        "w_else": "MatMul_7",
+        "w_late": "MatMul_8",
+    }
 
 
 def test_shared_weight_is_one_site_and_keeps_other_readers() -> None:
@@ -216,6 +226,7 @@ def test_tensors_left_alone_and_why() -> None:
     fp16.dtype = ir.DataType.FLOAT16
     sites, skipped = _scan(model)
     assert sites == {}
+    assert first_reader(model.graph.initializers["unused"]) is None
     reasons = {name: s.reason for name, s in skipped.items()}
     assert reasons == {
         "shape": "integer tensor",
@@ -233,6 +244,7 @@ def test_tensors_left_alone_and_why() -> None:
     }
     assert list(reasons)[-2:] == ["two", "ax"]  # initializers first, then Constant nodes
     assert skipped["shape"].dtype == "INT64"
+    assert (skipped["two"].dtype, skipped["two"].shape) == ("FLOAT", ())
     assert skipped["fp16"].shape == (4, 3, 1, 1)
 
 
@@ -271,7 +283,7 @@ def _conv_model(opset: int = 17) -> ir.Model:
         "float[N,3,8,8] x",
         "float[N,4,8,8] y",
         [_init("w", (4, 3, 3, 3)), _init("b", (4,))],
-        'h = Conv <pads = [1, 1, 1, 1]> (x, w, b)\ny = Relu (h)',
+        "h = Conv <pads = [1, 1, 1, 1]> (x, w, b)\ny = Relu (h)",
         opset,
     )
 
@@ -294,7 +306,7 @@ def test_read_model_facts(tmp_path: Path) -> None:
 
 def test_external_data_loads(tmp_path: Path) -> None:
     model = _conv_model()
-    expected = model.graph.initializers["w"].const_value.numpy().copy()
+    expected = weight_array(model.graph.initializers["w"]).copy()
     path = tmp_path / "conv.onnx"
     ir.save(model, path, external_data="w.data", size_threshold_bytes=0)
     assert (tmp_path / "w.data").is_file()
@@ -303,6 +315,7 @@ def test_external_data_loads(tmp_path: Path) -> None:
     assert isinstance(value.const_value, ir.ExternalTensor)
     np.testing.assert_array_equal(weight_array(value), expected)
     assert read.file_bytes == path.stat().st_size + (tmp_path / "w.data").stat().st_size
+    assert read.model.graph.node(0).outputs[0].shape is not None  # shapes inferred
     (tmp_path / "w.data").unlink()
     with pytest.raises(ModelLoadError, match=r"conv\.onnx: external data file 'w.data'"):
         load_model(path)
@@ -361,9 +374,7 @@ def test_min_opset_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not BENCH.is_dir(), reason="shared/bench not present")
-@pytest.mark.parametrize(
-    ("name", "convs"), [("resnet20_cifar10", 19), ("efficientnet_lite0", 49)]
-)
+@pytest.mark.parametrize(("name", "convs"), [("resnet20_cifar10", 19), ("efficientnet_lite0", 49)])
 def test_bench_models(name: str, convs: int) -> None:
     read = read_model(BENCH / f"{name}.onnx")
     ops = collections.Counter(s.op_types for s in read.sites)

@@ -1,0 +1,171 @@
+"""The command line: success on the demo model, every bad input, quality gate, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import DEMO_MODEL, DEMO_SAMPLES, make_mixed_model
+from onnx import TensorProto, helper
+
+from onnx_mixquant.cli import main
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_demo_model_end_to_end(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "demo_q.onnx"
+    report = tmp_path / "report.json"
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--samples", str(DEMO_SAMPLES),
+                               "--report", str(report), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "validation on 540 samples" in res.output
+    data = json.loads(report.read_text())
+    assert data["output_written"] is True
+    assert 3.5 <= data["average_bits"] <= 4.0
+    assert out.stat().st_size < 0.3 * DEMO_MODEL.stat().st_size
+    run = data["validation"]["runs"][0]
+    assert run["top1_fp"] == pytest.approx(0.9778, abs=1e-4)
+    assert run["top1_quant"] >= 0.95
+    assert {w["bits"] for w in data["weights"]} - {None} != {4}  # mixed widths
+    sk = {s["name"]: s["reason"] for s in data["skipped"]}
+    assert "bias" in sk["conv1.bias"]
+    assert _files(tmp_path) == ["demo_q.onnx", "report.json"]
+
+
+def test_same_input_same_bytes(runner: CliRunner, tmp_path: Path) -> None:
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"q{i}.onnx"
+        res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--no-validate", "-q", "--seed", "3"])
+        assert res.exit_code == 0, res.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_min_sqnr_gate_fails_and_writes_nothing(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "r.json"
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--uniform-bits", "2", "--min-sqnr", "60",
+                               "--samples", str(DEMO_SAMPLES), "--report", str(report), "-q"])
+    assert res.exit_code == 3, res.output
+    assert "FAILED" in res.output and "--min-sqnr 60" in res.output
+    assert not out.exists()
+    assert json.loads(report.read_text())["output_written"] is False
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--uniform-bits", "8", "--min-sqnr", "20",
+                               "--samples", str(DEMO_SAMPLES), "-q"])
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+
+
+def _expect_error(runner: CliRunner, args: list[str], code: int, *needles: str) -> None:
+    res = runner.invoke(main, args)
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in res.output, res.output
+
+
+def test_bad_input_files(runner: CliRunner, tmp_path: Path) -> None:
+    out = str(tmp_path / "o.onnx")
+    _expect_error(runner, [str(tmp_path / "nope.onnx"), out], 1, "nope.onnx")
+    _expect_error(runner, [str(tmp_path), out], 1, "director")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(3000))
+    _expect_error(runner, [str(junk), out], 1, "junk.onnx")
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(DEMO_MODEL.read_bytes()[:5000])
+    _expect_error(runner, [str(trunc), out], 1, "trunc.onnx")
+    tensor = tmp_path / "tensor.onnx"
+    tensor.write_bytes(helper.make_tensor("t", TensorProto.FLOAT, [2], [1.0, 2.0]).SerializeToString())
+    _expect_error(runner, [str(tensor), out], 1, "tensor.onnx")
+    old = tmp_path / "old.onnx"
+    m = make_mixed_model()
+    m.opset_import[0].version = 7
+    onnx.save(m, old)
+    _expect_error(runner, [str(old), out], 1, "opset")
+    assert not Path(out).exists()
+
+
+def test_no_quantizable_weights(runner: CliRunner, tmp_path: Path) -> None:
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    _expect_error(runner, [str(path), str(tmp_path / "o.onnx")], 1, "no quantizable weights")
+
+
+def test_output_paths(runner: CliRunner, tmp_path: Path) -> None:
+    before = DEMO_MODEL.read_bytes()
+    _expect_error(runner, [str(DEMO_MODEL), str(DEMO_MODEL)], 1, "input model")
+    assert DEMO_MODEL.read_bytes() == before
+    _expect_error(runner, [str(DEMO_MODEL), str(tmp_path / "no" / "o.onnx")], 1, "does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions
+            pytest.skip("running as a user that can write anywhere")
+        _expect_error(runner, [str(DEMO_MODEL), str(ro / "o.onnx")], 1, "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--target-bits", "12"], "target bits"),
+        (["--target-bits", "4", "--qem", "10"], "choose one"),
+        (["--qem", "0.1"], "qem"),
+        (["--uniform-bits", "9"], "bit-width"),
+        (["--candidate-bits", "2,x"], "comma-separated"),
+        (["--bits", "conv1.weight"], "NAME=INTEGER"),
+        (["--bits", "conv1.weight=1"], "bit-width"),
+        (["--bits", "no_such_weight=4"], "no_such_weight"),
+        (["--keep-float", "("], "regular expression"),
+        (["--target-size", "lots"], "size"),
+        (["--symmetry", "sideways"], "sideways"),
+        (["--num-samples", "0"], "num-samples"),
+    ],
+)
+def test_bad_options_exit_2(runner: CliRunner, tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "o.onnx"
+    _expect_error(runner, [str(DEMO_MODEL), str(out), "--no-validate", *args], 2, needle)
+    assert not out.exists()
+
+
+def test_symbolic_dims_need_a_value(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    _expect_error(runner, [str(DEMO_MODEL), str(out)], 2, "'N'", "--dim")
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--dim", "N=2", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "random" in res.output
+
+
+def test_bad_samples_file(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((3, 1, 8, 8), dtype=np.float64))
+    _expect_error(runner, [str(DEMO_MODEL), str(tmp_path / "o.onnx"), "--samples", str(bad)], 1,
+                  "bad.npz", "float64")
+
+
+def test_json_to_stdout(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(main, [str(DEMO_MODEL), str(tmp_path / "o.onnx"), "--samples",
+                               str(DEMO_SAMPLES), "--json", "-q", "--qem", "300"])
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["rule"] == "qem"
+    assert all(w["storage"] in {"UINT4", "UINT8", None} for w in data["weights"])
