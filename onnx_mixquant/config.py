@@ -78,7 +78,9 @@ class QemReference(enum.Enum):
 
 def _check_bits(bits: int, what: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(f"{what}: bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+        raise ConfigError(
+            f"{what}: bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ class WeightOverride:
             try:
                 re.compile(self.pattern[3:])
             except re.error as e:
-                raise ConfigError(f"override {self.pattern!r}: invalid regular expression: {e}") from e
+                raise ConfigError(
+                    f"override {self.pattern!r}: invalid regular expression: {e}"
+                ) from e
 
     def matches(self, names: tuple[str, ...]) -> bool:
         """True when the pattern matches any of ``names`` (a weight name and its consumers' names)."""

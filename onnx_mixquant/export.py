@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from onnx_mixquant.config import ExportConfig
 from onnx_mixquant.errors import ExportError, UnsupportedModelError
-from onnx_mixquant.graph import weight_values
+from onnx_mixquant.graph import first_reader, weight_values
 from onnx_mixquant.rounding import QuantizedWeight
 
 __all__ = [
@@ -75,13 +75,18 @@ def storage_for(bits: int, signed: bool, *, use_int2: bool, per_channel: bool) -
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if bits == 2 and use_int2:
-        return Storage(ir.DataType.INT2 if signed else ir.DataType.UINT2,
-                       np.int8 if signed else np.uint8, 25)
+        return Storage(
+            ir.DataType.INT2 if signed else ir.DataType.UINT2, np.int8 if signed else np.uint8, 25
+        )
     if bits <= 4:
-        return Storage(ir.DataType.INT4 if signed else ir.DataType.UINT4,
-                       np.int8 if signed else np.uint8, 21)
-    return Storage(ir.DataType.INT8 if signed else ir.DataType.UINT8,
-                   np.int8 if signed else np.uint8, 13 if per_channel else 10)
+        return Storage(
+            ir.DataType.INT4 if signed else ir.DataType.UINT4, np.int8 if signed else np.uint8, 21
+        )
+    return Storage(
+        ir.DataType.INT8 if signed else ir.DataType.UINT8,
+        np.int8 if signed else np.uint8,
+        13 if per_channel else 10,
+    )
 
 
 def _storage(w: QuantizedWeight, cfg: ExportConfig) -> Storage:
@@ -115,8 +120,13 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
             if value.const_value is not None:
                 originals[name] = value.const_value
                 value.const_value = ir.ExternalTensor(
-                    location="__onnx_mixquant_placeholder__", offset=0, length=0,
-                    dtype=value.const_value.dtype, shape=value.const_value.shape, name=name)
+                    location="__onnx_mixquant_placeholder__",
+                    offset=0,
+                    length=0,
+                    dtype=value.const_value.dtype,
+                    shape=ir.Shape(value.const_value.shape.numpy()),
+                    name=name,
+                )
     try:
         proto = ir.to_proto(model)
     finally:
@@ -173,7 +183,9 @@ def insert_qdq(
         st = _storage(w, cfg)
         _replace_weight(values[name], w, st)
         storage[name] = st.dtype.name
-    return model, ExportResult(storage=storage, opset_before=before, opset_after=max(before, needed))
+    return model, ExportResult(
+        storage=storage, opset_before=before, opset_after=max(before, needed)
+    )
 
 
 def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
@@ -182,15 +194,19 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
     name = w.name
     q_t = ir.tensor(w.q.astype(st.numpy_dtype), dtype=st.dtype, name=f"{name}_quantized")
     s_t = ir.tensor(np.asarray(qp.scale, dtype=np.float32), name=f"{name}_scale")
-    z_t = ir.tensor(np.asarray(qp.zero_point).astype(st.numpy_dtype), dtype=st.dtype,
-                    name=f"{name}_zero_point")
+    z_t = ir.tensor(
+        np.asarray(qp.zero_point).astype(st.numpy_dtype), dtype=st.dtype, name=f"{name}_zero_point"
+    )
     attrs = {"axis": int(qp.axis)} if qp.axis is not None else {}
     producer = value.producer()
     if producer is not None:  # a Constant node: emit Constant nodes where it stood
         graph = producer.graph
         assert graph is not None
-        consts = [ir.node("Constant", [], {"value": t}, name=f"{t.name}_Constant") for t in (q_t, s_t, z_t)]
-        for c, t in zip(consts, (q_t, s_t, z_t)):
+        consts = [
+            ir.node("Constant", [], {"value": t}, name=f"{t.name}_Constant")
+            for t in (q_t, s_t, z_t)
+        ]
+        for c, t in zip(consts, (q_t, s_t, z_t), strict=True):
             c.outputs[0].name = t.name
         inputs = [c.outputs[0] for c in consts]
         anchor: ir.Node | None = producer
@@ -199,7 +215,12 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
         assert graph is not None
         inputs = []
         for t in (q_t, s_t, z_t):
-            v = ir.Value(name=t.name, const_value=t, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype))
+            v = ir.Value(
+                name=t.name,
+                const_value=t,
+                shape=ir.Shape(list(t.shape.numpy())),
+                type=ir.TensorType(t.dtype),
+            )
             graph.register_initializer(v)
             inputs.append(v)
         consts = []
@@ -207,13 +228,13 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
     dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{name}_DequantizeLinear")
     out = dq.outputs[0]
     out.name = name
-    out.shape = ir.Shape(w.q.shape)
+    out.shape = ir.Shape(list(w.q.shape))
     out.type = ir.TensorType(ir.DataType.FLOAT)
     new_nodes = [*consts, dq]
     if anchor is not None:
         graph.insert_after(anchor, new_nodes)
     else:
-        first = _first_user(graph, value)
+        first = first_reader(value)
         if first is None:
             graph.extend(new_nodes)
         else:
@@ -223,17 +244,6 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
         graph.remove(anchor, safe=True)
     else:
         graph.initializers.pop(name)
-
-
-def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node | None:
-    """First node of ``graph`` that reads ``value`` directly or owns a subgraph (which may)."""
-    users = {id(node) for node, _ in value.uses()}
-    for node in graph:
-        if id(node) in users or any(
-            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()
-        ):
-            return node
-    return None
 
 
 @dataclass
@@ -266,7 +276,9 @@ def check_destination(out_path: Path, input_path: Path) -> Path:
     """Resolve ``out_path`` and refuse the input file itself, a directory or an unwritable folder."""
     out = Path(out_path).expanduser().absolute()
     src = Path(input_path).expanduser().absolute()
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+    if out.resolve() == src.resolve() or (
+        out.exists() and src.exists() and os.path.samefile(out, src)
+    ):
         raise ExportError(f"{out}: output path is the input model; refusing to overwrite it")
     if out.is_dir():
         raise ExportError(f"{out}: output path is a directory")
@@ -286,7 +298,9 @@ def _tensor_bytes(model: ir.Model) -> int:
     return total
 
 
-def stage_model(model: ir.Model, out_path: Path, input_path: Path, cfg: ExportConfig) -> StagedModel:
+def stage_model(
+    model: ir.Model, out_path: Path, input_path: Path, cfg: ExportConfig
+) -> StagedModel:
     """Save ``model`` into a temporary folder next to ``out_path`` (external data when large).
 
     Raises:
@@ -310,4 +324,6 @@ def stage_model(model: ir.Model, out_path: Path, input_path: Path, cfg: ExportCo
         raise ExportError(f"{out}: cannot write: {e.strerror}") from e
     data_path = tmpdir / data_name if data_name is not None else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
-    return StagedModel(path=path, destination=out, external_data=data_path, file_bytes=size, _tmpdir=tmpdir)
+    return StagedModel(
+        path=path, destination=out, external_data=data_path, file_bytes=size, _tmpdir=tmpdir
+    )

@@ -1,7 +1,7 @@
 """The pipeline: the only module that knows the order of the stages.
 
-    read graph -> roundoff-error table -> bit plan (MixQuant) -> rounding (nearest)
-        -> rewrite with Q/DQ -> save (staged) -> validate in onnxruntime -> report
+read graph -> roundoff-error table -> bit plan (MixQuant) -> rounding (nearest)
+    -> rewrite with Q/DQ -> save (staged) -> validate in onnxruntime -> report
 """
 
 from __future__ import annotations
@@ -86,41 +86,59 @@ def quantize(
             f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
             f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
         )
-    samples = _samples(read, cfg, samples_path, ask_dim)
+    samples = _samples(read, cfg, samples_path, ask_dim) if cfg.validate.enabled else None
     values = graph.weight_values(read.model)
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
     with _timed(timings, "error_table"):
-        table = search.build_error_table(weights, axes, cfg.quantizer, cfg.search.candidate_bits,
-                                         _stage_progress(progress, "error table"))
+        table = search.build_error_table(
+            weights,
+            axes,
+            cfg.quantizer,
+            cfg.search.candidate_bits,
+            _stage_progress(progress, "error table"),
+        )
     with _timed(timings, "search"):
         aliases = {s.name: s.consumers for s in read.sites}
-        plan = search.search_bitwidths(table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2)
+        plan = search.search_bitwidths(
+            table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2
+        )
     with _timed(timings, "rounding"):
-        quantized = rounding.round_nearest(weights, axes, plan.bits, cfg.quantizer,
-                                           _stage_progress(progress, "rounding"))
+        quantized = rounding.round_nearest(
+            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding")
+        )
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
         staged = export.stage_model(model, Path(output_path), src, cfg.export)
     try:
         result = None
-        if cfg.validate.enabled:
+        if samples is not None:
             with _timed(timings, "validate"):
-                result = validate.validate(src, staged.path, samples, cfg.validate,
-                                           _stage_progress(progress, "validate"))
+                result = validate.validate(
+                    src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
+                )
         failures = _gate(result, cfg)
         if not failures:
             staged.commit()
     finally:
         staged.discard()
     return Report(
-        input_path=str(src), output_path=str(staged.destination), input_bytes=read.file_bytes,
-        output_bytes=staged.file_bytes, opset_before=exported.opset_before,
-        opset_after=exported.opset_after, rule=plan.rule.value, average_bits=plan.average_bits,
+        input_path=str(src),
+        output_path=str(staged.destination),
+        input_bytes=read.file_bytes,
+        output_bytes=staged.file_bytes,
+        opset_before=exported.opset_before,
+        opset_after=exported.opset_after,
+        rule=plan.rule.value,
+        average_bits=plan.average_bits,
         storage_bits=plan.storage_bits,
         weights=_weight_reports(read, weights, quantized, plan, exported),
-        skipped=read.skipped, validation=result, gate_failures=tuple(failures),
-        output_written=not failures, settings=_settings(cfg, samples_path), timings_s=timings,
+        skipped=read.skipped,
+        validation=result,
+        gate_failures=tuple(failures),
+        output_written=not failures,
+        settings=_settings(cfg, samples_path),
+        timings_s=timings,
         warnings=_warnings(read, plan, exported),
     )
 
@@ -152,8 +170,10 @@ def _gate(result: validate.ValidationResult | None, cfg: QuantConfig) -> list[st
     for run in result.runs:
         for o in run.outputs:
             if o.sqnr_db < limit:
-                failures.append(f"output {o.name!r} SQNR {o.sqnr_db:.2f} dB < --min-sqnr {limit:g} dB "
-                                f"({run.provider}, {run.optimization})")
+                failures.append(
+                    f"output {o.name!r} SQNR {o.sqnr_db:.2f} dB < --min-sqnr {limit:g} dB "
+                    f"({run.provider}, {run.optimization})"
+                )
     return failures
 
 
@@ -172,26 +192,52 @@ def _weight_reports(
             w = weights[s.name].astype(np.float64)
             mse = float(np.mean((w - dequantize(qw.q, qw.qparams)) ** 2))
             energy = float(np.mean(w**2))
-            sqnr = math.inf if mse == 0 else 10 * math.log10(energy / mse) if energy > 0 else -math.inf
-        out.append(WeightReport(
-            name=s.name, shape=s.shape, op_types=s.op_types, consumers=s.consumers,
-            bits=plan.bits[s.name], storage=exported.storage.get(s.name),
-            axis=qw.qparams.axis if qw is not None else None, roundoff_mse=mse, sqnr_db=sqnr,
-            reason=plan.reasons[s.name]))
+            sqnr = (
+                math.inf if mse == 0 else 10 * math.log10(energy / mse) if energy > 0 else -math.inf
+            )
+        out.append(
+            WeightReport(
+                name=s.name,
+                shape=s.shape,
+                op_types=s.op_types,
+                consumers=s.consumers,
+                bits=plan.bits[s.name],
+                storage=exported.storage.get(s.name),
+                axis=qw.qparams.axis if qw is not None else None,
+                roundoff_mse=mse,
+                sqnr_db=sqnr,
+                reason=plan.reasons[s.name],
+            )
+        )
     return tuple(out)
 
 
-def _warnings(read: graph.ReadModel, plan: search.BitPlan, exported: export.ExportResult) -> tuple[str, ...]:
+def _warnings(
+    read: graph.ReadModel, plan: search.BitPlan, exported: export.ExportResult
+) -> tuple[str, ...]:
     out = []
     if exported.opset_after != exported.opset_before:
-        out.append(f"opset converted from {exported.opset_before} to {exported.opset_after} "
-                   f"for the integer types used")
+        out.append(
+            f"opset converted from {exported.opset_before} to {exported.opset_after} "
+            f"for the integer types used"
+        )
     if any(s.axis is None for s in read.sites):
-        out.append("weights shared by consumers with different channel axes are quantized per tensor")
+        out.append(
+            "weights shared by consumers with different channel axes are quantized per tensor"
+        )
     used = {b for b in plan.bits.values() if b is not None}
-    if used & {2, 3, 4}:
-        out.append("onnxruntime does not fuse 4-bit (or narrower) Conv weights: they run as "
-                   "DequantizeLinear + float Conv")
+    if any("Conv" in op for s in read.sites if plan.bits[s.name] is not None for op in s.op_types):
+        out.append(
+            "weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
+            "(the file shrinks; inference is not faster)"
+        )
+    if any(
+        op == "MatMul" for s in read.sites if (plan.bits[s.name] or 9) <= 4 for op in s.op_types
+    ):
+        out.append(
+            "at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
+            "whose outputs differ slightly (compare the two validation rows)"
+        )
     if used & {3, 5, 6, 7}:
         out.append("widths 3, 5, 6 and 7 are stored in the next wider ONNX type (INT4/INT8)")
     return tuple(out)

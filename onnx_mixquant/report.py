@@ -119,12 +119,16 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
         key = "float" if w.bits is None else f"{w.bits}b"
         hist[key] = hist.get(key, 0) + 1
     lines.append("widths: " + ", ".join(f"{k} x{v}" for k, v in sorted(hist.items())))
-    quant = sorted((w for w in report.weights if w.sqnr_db is not None), key=lambda w: w.sqnr_db or 0.0)
+    quant = sorted(
+        (w for w in report.weights if w.sqnr_db is not None), key=lambda w: w.sqnr_db or 0.0
+    )
     if quant:
         lines.append(f"{'weight':<40} {'shape':<18} {'bits':>4} {'storage':<7} {'SQNR dB':>8}")
         for w in quant[:max_weights]:
-            lines.append(f"{w.name[-40:]:<40} {'x'.join(map(str, w.shape)):<18} {w.bits:>4} "
-                         f"{w.storage or '-':<7} {_db(w.sqnr_db):>8}")
+            lines.append(
+                f"{w.name[-40:]:<40} {'x'.join(map(str, w.shape)):<18} {w.bits:>4} "
+                f"{w.storage or '-':<7} {_db(w.sqnr_db):>8}"
+            )
         if len(quant) > max_weights:
             lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
     lines.extend(_validation_lines(report.validation))
@@ -140,8 +144,12 @@ def _validation_lines(v: ValidationResult | None) -> list[str]:
     for run in v.runs:
         for o in run.outputs:
             agree = "" if o.top1_agreement is None else f" top-1 agreement {o.top1_agreement:.2%}"
-            out.append(f"  {run.provider:<24} {run.optimization:<15} {o.name}: SQNR {_db(o.sqnr_db)} dB,"
-                       f" max |err| {o.max_abs_error:.3g}{agree}")
+            out.append(
+                f"  {run.provider:<24} {run.optimization:<15} {o.name}: SQNR {_db(o.sqnr_db)} dB,"
+                f" max |err| {o.max_abs_error:.3g}{agree}"
+            )
         if run.top1_fp is not None and run.top1_quant is not None:
-            out.append(f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}")
+            out.append(
+                f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}"
+            )
     return out

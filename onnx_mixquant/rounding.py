@@ -55,8 +55,13 @@ def round_nearest(
         assert b is not None
         axis = axes.get(name) if quantizer.granularity is Granularity.PER_CHANNEL else None
         qp = choose_qparams(
-            weights[name], b, symmetric=quantizer.symmetry is Symmetry.SYMMETRIC, axis=axis,
-            method=quantizer.scale_method, p=quantizer.mse_p, steps=quantizer.mse_steps,
+            weights[name],
+            b,
+            symmetric=quantizer.symmetry is Symmetry.SYMMETRIC,
+            axis=axis,
+            method=quantizer.scale_method,
+            p=quantizer.mse_p,
+            steps=quantizer.mse_steps,
         )
         out[name] = QuantizedWeight(name=name, q=quantize(weights[name], qp), qparams=qp)
         if progress is not None:

@@ -126,8 +126,13 @@ def build_error_table(
         check_finite(name, w)
         axis = axes.get(name) if quantizer.granularity is Granularity.PER_CHANNEL else None
         mse[i] = roundoff_errors(
-            w, bits, symmetric=quantizer.symmetry is Symmetry.SYMMETRIC, axis=axis,
-            method=quantizer.scale_method, p=quantizer.mse_p, steps=quantizer.mse_steps,
+            w,
+            bits,
+            symmetric=quantizer.symmetry is Symmetry.SYMMETRIC,
+            axis=axis,
+            method=quantizer.scale_method,
+            p=quantizer.mse_p,
+            steps=quantizer.mse_steps,
         )
         energy[i] = float(np.mean(np.square(w, dtype=np.float64))) if w.size else 0.0
         sizes[i] = w.size
@@ -199,9 +204,11 @@ def search_bitwidths(
     return BitPlan(bits=bits, reasons=reasons, rule=cfg.rule, average_bits=avg, storage_bits=stored)
 
 
-def _averages(table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool) -> tuple[float, float]:
+def _averages(
+    table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool
+) -> tuple[float, float]:
     n = tot = stored = 0.0
-    for name, size in zip(table.names, table.sizes):
+    for name, size in zip(table.names, table.sizes, strict=True):
         b = bits[name]
         if b is not None:
             n += size
@@ -235,7 +242,9 @@ def _budget_rule(
 ) -> dict[str, int]:
     """Minimise the summed normalised error of the free weights under the budget."""
     by_bytes = cfg.target_bytes is not None
-    unit = np.array([container_bits(b, use_int2) / 8 if by_bytes else b for b in table.bits], dtype=np.float64)
+    unit = np.array(
+        [container_bits(b, use_int2) / 8 if by_bytes else b for b in table.bits], dtype=np.float64
+    )
     cost = table.sizes[:, None].astype(np.float64) * unit[None, :]  # (n, k)
     err = table.normalised()
     fixed_cost = 0.0
@@ -264,8 +273,10 @@ def _budget_rule(
         lo = cost[idx].min(axis=1).sum() + fixed_cost
         what = f"{cfg.target_bytes} bytes" if by_bytes else f"{cfg.target_bits:g} average bits"
         need = f"{lo:.0f} bytes" if by_bytes else f"{lo / max(quant_params, 1):.3f} average bits"
-        raise ConfigError(f"budget of {what} cannot be met: the smallest possible plan needs {need}")
-    return {table.names[i]: table.bits[c] for i, c in zip(idx, choice)}
+        raise ConfigError(
+            f"budget of {what} cannot be met: the smallest possible plan needs {need}"
+        )
+    return {table.names[i]: table.bits[c] for i, c in zip(idx, choice, strict=True)}
 
 
 def _allocate(err: np.ndarray, cost: np.ndarray, budget: float) -> np.ndarray | None:
@@ -299,7 +310,9 @@ def _allocate(err: np.ndarray, cost: np.ndarray, budget: float) -> np.ndarray | 
     return _greedy_fill(err, cost, best.copy(), budget)
 
 
-def _greedy_fill(err: np.ndarray, cost: np.ndarray, choice: np.ndarray, budget: float) -> np.ndarray:
+def _greedy_fill(
+    err: np.ndarray, cost: np.ndarray, choice: np.ndarray, budget: float
+) -> np.ndarray:
     """Spend what is left of the budget on the upgrades with the best error drop per cost."""
     rows = np.arange(err.shape[0])
     spent = cost[rows, choice].sum()

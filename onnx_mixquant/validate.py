@@ -138,7 +138,8 @@ def resolve_dims(
         raise ConfigError(
             "cannot make sample inputs: unresolved symbolic dimensions: "
             + "; ".join(missing)
-            + ". Give a value per dim name (e.g. dims={'NAME': 1}), or give sample data"
+            + ". Give a value per dim name (--dim NAME=1 on the command line, ValidateConfig.dims in "
+            + "Python), or give sample data (--samples)"
         )
     unused = sorted(set(dims) - used)
     if unused:

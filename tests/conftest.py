@@ -15,7 +15,9 @@ BENCH = REPO.parent / "shared" / "bench"
 DEMO_MODEL = MODELS / "digits_cnn.onnx"
 DEMO_SAMPLES = MODELS / "digits_test.npz"
 
-needs_bench = pytest.mark.skipif(not (BENCH / "models").is_dir(), reason="../shared/bench is absent")
+needs_bench = pytest.mark.skipif(
+    not (BENCH / "models").is_dir(), reason="../shared/bench is absent"
+)
 
 
 def _init(name: str, arr: np.ndarray) -> TensorProto:
@@ -43,7 +45,8 @@ def make_mixed_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
         helper.make_node("Add", ["m", "w4sum"], ["y"], name="add"),
     ]
     graph = helper.make_graph(
-        nodes, "mixed",
+        nodes,
+        "mixed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
         initializer=[_init("W1", w1), _init("B1", b1), _init("W3", w3), _init("W4", w4)],
@@ -60,16 +63,29 @@ def make_if_model(seed: int = 0) -> onnx.ModelProto:
     wt = rng.normal(size=(6, 4)).astype(np.float32)
     we = rng.normal(size=(6, 4)).astype(np.float32)
     then_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "Wt"], ["yt"], name="then_mm")], "then", [],
-        [helper.make_tensor_value_info("yt", TensorProto.FLOAT, ["N", 4])], initializer=[_init("Wt", wt)])
+        [helper.make_node("MatMul", ["x", "Wt"], ["yt"], name="then_mm")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("yt", TensorProto.FLOAT, ["N", 4])],
+        initializer=[_init("Wt", wt)],
+    )
     else_g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "We"], ["ye"], name="else_mm")], "else", [],
-        [helper.make_tensor_value_info("ye", TensorProto.FLOAT, ["N", 4])])
+        [helper.make_node("MatMul", ["x", "We"], ["ye"], name="else_mm")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", TensorProto.FLOAT, ["N", 4])],
+    )
     graph = helper.make_graph(
-        [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)],
+        [
+            helper.make_node(
+                "If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g
+            )
+        ],
         "ifmodel",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         initializer=[_init("We", we)],
     )

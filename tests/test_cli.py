@@ -28,8 +28,10 @@ def _files(folder: Path) -> list[str]:
 def test_demo_model_end_to_end(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "demo_q.onnx"
     report = tmp_path / "report.json"
-    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--samples", str(DEMO_SAMPLES),
-                               "--report", str(report), "-q"])
+    res = runner.invoke(
+        main,
+        [str(DEMO_MODEL), str(out), "--samples", str(DEMO_SAMPLES), "--report", str(report), "-q"],
+    )
     assert res.exit_code == 0, res.output
     assert "validation on 540 samples" in res.output
     data = json.loads(report.read_text())
@@ -58,14 +60,40 @@ def test_same_input_same_bytes(runner: CliRunner, tmp_path: Path) -> None:
 def test_min_sqnr_gate_fails_and_writes_nothing(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "q.onnx"
     report = tmp_path / "r.json"
-    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--uniform-bits", "2", "--min-sqnr", "60",
-                               "--samples", str(DEMO_SAMPLES), "--report", str(report), "-q"])
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(out),
+            "--uniform-bits",
+            "2",
+            "--min-sqnr",
+            "60",
+            "--samples",
+            str(DEMO_SAMPLES),
+            "--report",
+            str(report),
+            "-q",
+        ],
+    )
     assert res.exit_code == 3, res.output
     assert "FAILED" in res.output and "--min-sqnr 60" in res.output
     assert not out.exists()
     assert json.loads(report.read_text())["output_written"] is False
-    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--uniform-bits", "8", "--min-sqnr", "20",
-                               "--samples", str(DEMO_SAMPLES), "-q"])
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(out),
+            "--uniform-bits",
+            "8",
+            "--min-sqnr",
+            "20",
+            "--samples",
+            str(DEMO_SAMPLES),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert out.exists()
 
@@ -89,7 +117,9 @@ def test_bad_input_files(runner: CliRunner, tmp_path: Path) -> None:
     trunc.write_bytes(DEMO_MODEL.read_bytes()[:5000])
     _expect_error(runner, [str(trunc), out], 1, "trunc.onnx")
     tensor = tmp_path / "tensor.onnx"
-    tensor.write_bytes(helper.make_tensor("t", TensorProto.FLOAT, [2], [1.0, 2.0]).SerializeToString())
+    tensor.write_bytes(
+        helper.make_tensor("t", TensorProto.FLOAT, [2], [1.0, 2.0]).SerializeToString()
+    )
     _expect_error(runner, [str(tensor), out], 1, "tensor.onnx")
     old = tmp_path / "old.onnx"
     m = make_mixed_model()
@@ -100,9 +130,12 @@ def test_bad_input_files(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_no_quantizable_weights(runner: CliRunner, tmp_path: Path) -> None:
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     _expect_error(runner, [str(path), str(tmp_path / "o.onnx")], 1, "no quantizable weights")
@@ -141,7 +174,9 @@ def test_output_paths(runner: CliRunner, tmp_path: Path) -> None:
         (["--num-samples", "0"], "num-samples"),
     ],
 )
-def test_bad_options_exit_2(runner: CliRunner, tmp_path: Path, args: list[str], needle: str) -> None:
+def test_bad_options_exit_2(
+    runner: CliRunner, tmp_path: Path, args: list[str], needle: str
+) -> None:
     out = tmp_path / "o.onnx"
     _expect_error(runner, [str(DEMO_MODEL), str(out), "--no-validate", *args], 2, needle)
     assert not out.exists()
@@ -158,13 +193,29 @@ def test_symbolic_dims_need_a_value(runner: CliRunner, tmp_path: Path) -> None:
 def test_bad_samples_file(runner: CliRunner, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=np.zeros((3, 1, 8, 8), dtype=np.float64))
-    _expect_error(runner, [str(DEMO_MODEL), str(tmp_path / "o.onnx"), "--samples", str(bad)], 1,
-                  "bad.npz", "float64")
+    _expect_error(
+        runner,
+        [str(DEMO_MODEL), str(tmp_path / "o.onnx"), "--samples", str(bad)],
+        1,
+        "bad.npz",
+        "float64",
+    )
 
 
 def test_json_to_stdout(runner: CliRunner, tmp_path: Path) -> None:
-    res = runner.invoke(main, [str(DEMO_MODEL), str(tmp_path / "o.onnx"), "--samples",
-                               str(DEMO_SAMPLES), "--json", "-q", "--qem", "300"])
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(tmp_path / "o.onnx"),
+            "--samples",
+            str(DEMO_SAMPLES),
+            "--json",
+            "-q",
+            "--qem",
+            "300",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["rule"] == "qem"

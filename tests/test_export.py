@@ -19,9 +19,16 @@ from onnx_mixquant.graph import read_model, weight_array, weight_values
 from onnx_mixquant.numerics import dequantize
 from onnx_mixquant.rounding import round_nearest
 
+DEFAULT_EXPORT = ExportConfig()
+DEFAULT_QUANTIZER = QuantizerConfig()
 
-def _quantize(path: Path, bits: dict[str, int], cfg: ExportConfig = ExportConfig(),
-              quantizer: QuantizerConfig = QuantizerConfig()):
+
+def _quantize(
+    path: Path,
+    bits: dict[str, int],
+    cfg: ExportConfig = DEFAULT_EXPORT,
+    quantizer: QuantizerConfig = DEFAULT_QUANTIZER,
+):
     read = read_model(path)
     values = weight_values(read.model)
     weights = {s.name: weight_array(values[s.name]) for s in read.sites}
@@ -37,7 +44,11 @@ def _fake_quant_reference(proto: onnx.ModelProto, qw) -> onnx.ModelProto:
     ref.CopyFrom(proto)
     for init in ref.graph.initializer:
         if init.name in qw:
-            init.CopyFrom(numpy_helper.from_array(dequantize(qw[init.name].q, qw[init.name].qparams), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(
+                    dequantize(qw[init.name].q, qw[init.name].qparams), init.name
+                )
+            )
     for node in ref.graph.node:
         if node.op_type == "Constant" and node.output[0] in qw:
             w = qw[node.output[0]]
@@ -60,7 +71,9 @@ BITS_MIX = {"W1": 3, "W2": 4, "W3": 8, "W4": 5}
 def test_export_structure_and_outputs_match_numpy_fake_quant(
     mixed_model_path: Path, tmp_path: Path, symmetry: Symmetry
 ) -> None:
-    model, result, qw = _quantize(mixed_model_path, BITS_MIX, quantizer=QuantizerConfig(symmetry=symmetry))
+    model, result, qw = _quantize(
+        mixed_model_path, BITS_MIX, quantizer=QuantizerConfig(symmetry=symmetry)
+    )
     staged = stage_model(model, tmp_path / "q.onnx", mixed_model_path, ExportConfig())
     staged.commit()
     out = onnx.load(tmp_path / "q.onnx")
@@ -68,15 +81,21 @@ def test_export_structure_and_outputs_match_numpy_fake_quant(
     assert result.opset_before == 17 and result.opset_after == 21
     assert {o.domain: o.version for o in out.opset_import}[""] == 21
     signed = symmetry is Symmetry.SYMMETRIC
-    expect = {"W1": "INT4" if signed else "UINT4", "W2": "INT4" if signed else "UINT4",
-              "W3": "INT8" if signed else "UINT8", "W4": "INT8" if signed else "UINT8"}
+    expect = {
+        "W1": "INT4" if signed else "UINT4",
+        "W2": "INT4" if signed else "UINT4",
+        "W3": "INT8" if signed else "UINT8",
+        "W4": "INT8" if signed else "UINT8",
+    }
     assert dict(result.storage) == expect
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
     assert sorted(n.output[0] for n in dq) == ["W1", "W2", "W3", "W4"]
     axes = {n.output[0]: {a.name: a.i for a in n.attribute}.get("axis") for n in dq}
     assert axes == {"W1": 0, "W2": 0, "W3": 0, "W4": 1}
     inits = {i.name: i for i in out.graph.initializer}
-    assert inits["W1_quantized"].data_type == (onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4)
+    assert inits["W1_quantized"].data_type == (
+        onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    )
     assert "B1" in inits and inits["B1"].data_type == onnx.TensorProto.FLOAT  # bias stays float
     assert not any(n.op_type == "Constant" and n.output[0] == "W2" for n in out.graph.node)
     # every quantized value is inside its b-bit range (3 and 5 bits live in wider containers)
@@ -91,14 +110,21 @@ def test_export_structure_and_outputs_match_numpy_fake_quant(
     np.testing.assert_array_equal(got, want)
 
 
-def test_sub_byte_weights_are_packed_so_the_file_shrinks(mixed_model_path: Path, tmp_path: Path) -> None:
+def test_sub_byte_weights_are_packed_so_the_file_shrinks(
+    mixed_model_path: Path, tmp_path: Path
+) -> None:
     model, _, _ = _quantize(mixed_model_path, {"W1": 4, "W2": 4, "W3": 4, "W4": 4})
     staged = stage_model(model, tmp_path / "q4.onnx", mixed_model_path, ExportConfig())
     staged.commit()
     fp = mixed_model_path.stat().st_size
     q = (tmp_path / "q4.onnx").stat().st_size
-    # 4-bit packing: 1/8 of the float bytes for the weights, plus scales and the float bias
-    assert q < 0.2 * fp, (q, fp)
+    out = onnx.load(tmp_path / "q4.onnx")
+    for init in out.graph.initializer:
+        if init.name.endswith("_quantized"):  # two 4-bit values per byte, as raw bytes
+            n = int(np.prod(init.dims))
+            assert len(init.raw_data) == (n + 1) // 2, init.name
+    # weights at 1/8 of their float bytes; scales, zero points, bias and graph text remain
+    assert q < 0.25 * fp, (q, fp)
 
 
 def test_int8_only_plan_keeps_opset(mixed_model_path: Path) -> None:
@@ -108,11 +134,15 @@ def test_int8_only_plan_keeps_opset(mixed_model_path: Path) -> None:
 
 def test_opset_upgrade_refused_when_disabled(mixed_model_path: Path) -> None:
     with pytest.raises(ExportError, match="opset 21"):
-        _quantize(mixed_model_path, dict.fromkeys(BITS_MIX, 4), ExportConfig(allow_opset_upgrade=False))
+        _quantize(
+            mixed_model_path, dict.fromkeys(BITS_MIX, 4), ExportConfig(allow_opset_upgrade=False)
+        )
 
 
 def test_int2_storage_uses_opset_25(mixed_model_path: Path, tmp_path: Path) -> None:
-    model, result, _ = _quantize(mixed_model_path, dict.fromkeys(BITS_MIX, 2), ExportConfig(use_int2=True))
+    model, result, _ = _quantize(
+        mixed_model_path, dict.fromkeys(BITS_MIX, 2), ExportConfig(use_int2=True)
+    )
     assert result.opset_after == 25 and set(result.storage.values()) == {"UINT2"}
     staged = stage_model(model, tmp_path / "q2.onnx", mixed_model_path, ExportConfig())
     staged.commit()
@@ -146,8 +176,9 @@ def test_export_is_byte_identical(mixed_model_path: Path, tmp_path: Path) -> Non
 
 def test_external_data_when_large(mixed_model_path: Path, tmp_path: Path) -> None:
     model, _, _ = _quantize(mixed_model_path, BITS_MIX)
-    staged = stage_model(model, tmp_path / "ext.onnx", mixed_model_path,
-                         ExportConfig(external_data_threshold=100))
+    staged = stage_model(
+        model, tmp_path / "ext.onnx", mixed_model_path, ExportConfig(external_data_threshold=100)
+    )
     staged.commit()
     assert (tmp_path / "ext.onnx.data").stat().st_size > 0
     feeds = {"x": np.zeros((1, 3, 8, 8), dtype=np.float32)}
@@ -155,7 +186,9 @@ def test_external_data_when_large(mixed_model_path: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "mixed.onnx"]
 
 
-def test_refuses_to_overwrite_input_and_bad_destinations(mixed_model_path: Path, tmp_path: Path) -> None:
+def test_refuses_to_overwrite_input_and_bad_destinations(
+    mixed_model_path: Path, tmp_path: Path
+) -> None:
     model, _, _ = _quantize(mixed_model_path, BITS_MIX)
     before = mixed_model_path.read_bytes()
     with pytest.raises(ExportError, match="input model"):

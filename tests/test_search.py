@@ -58,7 +58,9 @@ def test_error_table_matches_numerics() -> None:
         for j, b in enumerate(BITS):
             qp = choose_qparams(weights[name], b, symmetric=False, axis=axes[name])
             assert table.mse[i, j] == pytest.approx(roundoff_error(weights[name], qp), rel=1e-6)
-        assert table.energy[i] == pytest.approx(float(np.mean(weights[name].astype(np.float64) ** 2)))
+        assert table.energy[i] == pytest.approx(
+            float(np.mean(weights[name].astype(np.float64) ** 2))
+        )
 
 
 def test_error_table_rejects_nan_naming_the_weight() -> None:
@@ -74,8 +76,13 @@ def test_error_table_progress_and_speed() -> None:
     weights = {f"w{i}": rng.normal(size=(500, 2000)).astype(np.float32) for i in range(10)}
     calls: list[tuple[int, int]] = []
     t0 = time.perf_counter()
-    build_error_table(weights, dict.fromkeys(weights, 0), QuantizerConfig(), BITS,
-                      progress=lambda d, t: calls.append((d, t)))
+    build_error_table(
+        weights,
+        dict.fromkeys(weights, 0),
+        QuantizerConfig(),
+        BITS,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     elapsed = time.perf_counter() - t0
     assert calls[-1] == (10, 10) and len(calls) == 10
     assert elapsed < 20.0, f"error table for 10^7 weights took {elapsed:.1f} s"
@@ -96,7 +103,9 @@ def test_qem_layer_rule_picks_smallest_width_within_multiplier() -> None:
 def test_qem_model_reference_uses_smallest_widest_error_in_model() -> None:
     mse = np.array([[100.0, 20.0, 4.0, 1.0], [0.5, 0.1, 0.05, 0.01]])
     table = _table(mse, [10, 10])
-    cfg = SearchConfig(rule=SearchRule.QEM, qem=10.0, qem_reference=QemReference.MODEL, target_bits=None)
+    cfg = SearchConfig(
+        rule=SearchRule.QEM, qem=10.0, qem_reference=QemReference.MODEL, target_bits=None
+    )
     plan = search_bitwidths(table, cfg)
     # reference = min 5-bit error = 0.01 -> threshold 0.1
     assert plan.bits == {"w0": 5, "w1": 3}
@@ -119,7 +128,11 @@ def test_allocation_is_feasible_and_near_optimal(seed: int) -> None:
     bits = np.array([2, 3, 4, 8])
     cost = sizes[:, None] * bits[None, :].astype(np.float64)
     # errors roughly 4^-b per weight, with noise (not always monotone)
-    err = rng.uniform(0.5, 2.0, size=(n, 1)) * 4.0 ** -bits[None, :] * rng.uniform(0.7, 1.3, size=(n, k))
+    err = (
+        rng.uniform(0.5, 2.0, size=(n, 1))
+        * 4.0 ** -bits[None, :]
+        * rng.uniform(0.7, 1.3, size=(n, k))
+    )
     budget = float(sizes.sum() * rng.uniform(2.5, 6.0))
     choice = _allocate(err, cost, budget)
     assert choice is not None
@@ -144,14 +157,14 @@ def test_budget_rule_meets_target_average_bits() -> None:
 
 def test_budget_rule_gives_more_bits_to_harder_weights() -> None:
     # two equal-size weights; w1's error is 100x higher at every width
-    mse = np.array([[4.0 ** -b for b in BITS], [100 * 4.0 ** -b for b in BITS]])
+    mse = np.array([[4.0**-b for b in BITS], [100 * 4.0**-b for b in BITS]])
     plan = search_bitwidths(_table(mse, [100, 100]), SearchConfig(target_bits=4.0))
     assert plan.bits["w1"] > plan.bits["w0"]
     assert plan.average_bits == pytest.approx(4.0)
 
 
 def test_byte_budget_prices_containers_and_skips_dominated_widths() -> None:
-    mse = np.array([[4.0 ** -b for b in BITS]] * 3)
+    mse = np.array([[4.0**-b for b in BITS]] * 3)
     table = _table(mse, [1000, 1000, 1000])
     # 2000 bytes for 3000 params: INT4 everywhere costs 1500, one INT8 upgrade costs +500
     plan = search_bitwidths(table, SearchConfig(target_bits=None, target_bytes=2000))
@@ -160,17 +173,25 @@ def test_byte_budget_prices_containers_and_skips_dominated_widths() -> None:
 
 
 def test_budget_infeasible_is_a_config_error() -> None:
-    mse = np.array([[4.0 ** -b for b in BITS]] * 2)
+    mse = np.array([[4.0**-b for b in BITS]] * 2)
     cfg = SearchConfig(target_bits=2.5, overrides=(WeightOverride("w0", 8),))
     with pytest.raises(ConfigError, match="cannot be met"):
         search_bitwidths(_table(mse, [100, 100]), cfg)
 
 
 def test_overrides_pin_keep_float_and_alias_node_names() -> None:
-    mse = np.array([[4.0 ** -b for b in BITS]] * 3)
+    mse = np.array([[4.0**-b for b in BITS]] * 3)
     table = _table(mse, [100, 100, 100])
-    cfg = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=4, target_bits=None, overrides=(
-        WeightOverride("w0", 8), WeightOverride("re:^/layer2/", None), WeightOverride("re:w0", 6)))
+    cfg = SearchConfig(
+        rule=SearchRule.UNIFORM,
+        uniform_bits=4,
+        target_bits=None,
+        overrides=(
+            WeightOverride("w0", 8),
+            WeightOverride("re:^/layer2/", None),
+            WeightOverride("re:w0", 6),
+        ),
+    )
     plan = search_bitwidths(table, cfg, aliases={"w2": ("/layer2/Conv",)})
     assert plan.bits == {"w0": 6, "w1": 4, "w2": None}  # the last matching override wins
     assert "re:w0" in plan.reasons["w0"] and "kept float" in plan.reasons["w2"]
@@ -185,8 +206,10 @@ def test_override_matching_nothing_is_an_error() -> None:
 
 
 def test_first_last_8bit() -> None:
-    mse = np.array([[4.0 ** -b for b in BITS]] * 4)
-    cfg = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None, first_last_8bit=True)
+    mse = np.array([[4.0**-b for b in BITS]] * 4)
+    cfg = SearchConfig(
+        rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None, first_last_8bit=True
+    )
     plan = search_bitwidths(_table(mse, [10] * 4), cfg)
     assert [plan.bits[f"w{i}"] for i in range(4)] == [8, 3, 3, 8]
 
