@@ -15,9 +15,7 @@ BENCH = REPO.parent / "shared" / "bench"
 DEMO_MODEL = MODELS / "digits_cnn.onnx"
 DEMO_SAMPLES = MODELS / "digits_test.npz"
 
-needs_bench = pytest.mark.skipif(
-    not (BENCH / "models").is_dir(), reason="../shared/bench is absent"
-)
+needs_bench = pytest.mark.skipif(not (BENCH / "models").is_dir(), reason="../shared/bench is absent")
 
 
 def _init(name: str, arr: np.ndarray) -> TensorProto:
@@ -76,11 +74,7 @@ def make_if_model(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("ye", TensorProto.FLOAT, ["N", 4])],
     )
     graph = helper.make_graph(
-        [
-            helper.make_node(
-                "If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g
-            )
-        ],
+        [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)],
         "ifmodel",
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6]),

@@ -90,13 +90,7 @@ def test_unexpected_key(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError) as info:
         load_samples(path, [X, M])
     msg = str(info.value)
-    assert (
-        "data.npz" in msg
-        and "'extra'" in msg
-        and "'x'" in msg
-        and "'mask'" in msg
-        and "'labels'" in msg
-    )
+    assert "data.npz" in msg and "'extra'" in msg and "'x'" in msg and "'mask'" in msg and "'labels'" in msg
 
 
 def test_missing_input(tmp_path: Path) -> None:
@@ -124,9 +118,7 @@ def test_rank_and_static_dims(tmp_path: Path) -> None:
 
 
 def test_shared_dim_names_must_agree(tmp_path: Path) -> None:
-    path = _npz(
-        tmp_path, "data.npz", mask=np.zeros((7, 5), np.int64), ids=np.zeros((7, 6), np.int64)
-    )
+    path = _npz(tmp_path, "data.npz", mask=np.zeros((7, 5), np.int64), ids=np.zeros((7, 6), np.int64))
     with pytest.raises(CalibrationError) as info:
         load_samples(path, [M, IDS])
     msg = str(info.value)
@@ -136,9 +128,7 @@ def test_shared_dim_names_must_agree(tmp_path: Path) -> None:
 def test_sample_counts_must_agree(tmp_path: Path) -> None:
     a = _arrays()
     path = _npz(tmp_path, "data.npz", x=a["x"], mask=a["mask"][:6])
-    with pytest.raises(
-        CalibrationError, match="data.npz: inputs hold different numbers of samples"
-    ):
+    with pytest.raises(CalibrationError, match="data.npz: inputs hold different numbers of samples"):
         load_samples(path, [X, M])
     path = _npz(tmp_path, "empty.npz", x=np.zeros((0, 4), np.float32))
     with pytest.raises(CalibrationError, match="empty.npz: no samples"):

@@ -45,9 +45,7 @@ def _fake_quant_reference(proto: onnx.ModelProto, qw) -> onnx.ModelProto:
     for init in ref.graph.initializer:
         if init.name in qw:
             init.CopyFrom(
-                numpy_helper.from_array(
-                    dequantize(qw[init.name].q, qw[init.name].qparams), init.name
-                )
+                numpy_helper.from_array(dequantize(qw[init.name].q, qw[init.name].qparams), init.name)
             )
     for node in ref.graph.node:
         if node.op_type == "Constant" and node.output[0] in qw:
@@ -71,9 +69,7 @@ BITS_MIX = {"W1": 3, "W2": 4, "W3": 8, "W4": 5}
 def test_export_structure_and_outputs_match_numpy_fake_quant(
     mixed_model_path: Path, tmp_path: Path, symmetry: Symmetry
 ) -> None:
-    model, result, qw = _quantize(
-        mixed_model_path, BITS_MIX, quantizer=QuantizerConfig(symmetry=symmetry)
-    )
+    model, result, qw = _quantize(mixed_model_path, BITS_MIX, quantizer=QuantizerConfig(symmetry=symmetry))
     staged = stage_model(model, tmp_path / "q.onnx", mixed_model_path, ExportConfig())
     staged.commit()
     out = onnx.load(tmp_path / "q.onnx")
@@ -93,9 +89,7 @@ def test_export_structure_and_outputs_match_numpy_fake_quant(
     axes = {n.output[0]: {a.name: a.i for a in n.attribute}.get("axis") for n in dq}
     assert axes == {"W1": 0, "W2": 0, "W3": 0, "W4": 1}
     inits = {i.name: i for i in out.graph.initializer}
-    assert inits["W1_quantized"].data_type == (
-        onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
-    )
+    assert inits["W1_quantized"].data_type == (onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4)
     assert "B1" in inits and inits["B1"].data_type == onnx.TensorProto.FLOAT  # bias stays float
     assert not any(n.op_type == "Constant" and n.output[0] == "W2" for n in out.graph.node)
     # every quantized value is inside its b-bit range (3 and 5 bits live in wider containers)
@@ -110,9 +104,7 @@ def test_export_structure_and_outputs_match_numpy_fake_quant(
     np.testing.assert_array_equal(got, want)
 
 
-def test_sub_byte_weights_are_packed_so_the_file_shrinks(
-    mixed_model_path: Path, tmp_path: Path
-) -> None:
+def test_sub_byte_weights_are_packed_so_the_file_shrinks(mixed_model_path: Path, tmp_path: Path) -> None:
     model, _, _ = _quantize(mixed_model_path, {"W1": 4, "W2": 4, "W3": 4, "W4": 4})
     staged = stage_model(model, tmp_path / "q4.onnx", mixed_model_path, ExportConfig())
     staged.commit()
@@ -134,15 +126,11 @@ def test_int8_only_plan_keeps_opset(mixed_model_path: Path) -> None:
 
 def test_opset_upgrade_refused_when_disabled(mixed_model_path: Path) -> None:
     with pytest.raises(ExportError, match="opset 21"):
-        _quantize(
-            mixed_model_path, dict.fromkeys(BITS_MIX, 4), ExportConfig(allow_opset_upgrade=False)
-        )
+        _quantize(mixed_model_path, dict.fromkeys(BITS_MIX, 4), ExportConfig(allow_opset_upgrade=False))
 
 
 def test_int2_storage_uses_opset_25(mixed_model_path: Path, tmp_path: Path) -> None:
-    model, result, _ = _quantize(
-        mixed_model_path, dict.fromkeys(BITS_MIX, 2), ExportConfig(use_int2=True)
-    )
+    model, result, _ = _quantize(mixed_model_path, dict.fromkeys(BITS_MIX, 2), ExportConfig(use_int2=True))
     assert result.opset_after == 25 and set(result.storage.values()) == {"UINT2"}
     staged = stage_model(model, tmp_path / "q2.onnx", mixed_model_path, ExportConfig())
     staged.commit()
@@ -186,9 +174,7 @@ def test_external_data_when_large(mixed_model_path: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "mixed.onnx"]
 
 
-def test_refuses_to_overwrite_input_and_bad_destinations(
-    mixed_model_path: Path, tmp_path: Path
-) -> None:
+def test_refuses_to_overwrite_input_and_bad_destinations(mixed_model_path: Path, tmp_path: Path) -> None:
     model, _, _ = _quantize(mixed_model_path, BITS_MIX)
     before = mixed_model_path.read_bytes()
     with pytest.raises(ExportError, match="input model"):

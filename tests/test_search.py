@@ -58,9 +58,7 @@ def test_error_table_matches_numerics() -> None:
         for j, b in enumerate(BITS):
             qp = choose_qparams(weights[name], b, symmetric=False, axis=axes[name])
             assert table.mse[i, j] == pytest.approx(roundoff_error(weights[name], qp), rel=1e-6)
-        assert table.energy[i] == pytest.approx(
-            float(np.mean(weights[name].astype(np.float64) ** 2))
-        )
+        assert table.energy[i] == pytest.approx(float(np.mean(weights[name].astype(np.float64) ** 2)))
 
 
 def test_error_table_rejects_nan_naming_the_weight() -> None:
@@ -103,9 +101,7 @@ def test_qem_layer_rule_picks_smallest_width_within_multiplier() -> None:
 def test_qem_model_reference_uses_smallest_widest_error_in_model() -> None:
     mse = np.array([[100.0, 20.0, 4.0, 1.0], [0.5, 0.1, 0.05, 0.01]])
     table = _table(mse, [10, 10])
-    cfg = SearchConfig(
-        rule=SearchRule.QEM, qem=10.0, qem_reference=QemReference.MODEL, target_bits=None
-    )
+    cfg = SearchConfig(rule=SearchRule.QEM, qem=10.0, qem_reference=QemReference.MODEL, target_bits=None)
     plan = search_bitwidths(table, cfg)
     # reference = min 5-bit error = 0.01 -> threshold 0.1
     assert plan.bits == {"w0": 5, "w1": 3}
@@ -128,11 +124,7 @@ def test_allocation_is_feasible_and_near_optimal(seed: int) -> None:
     bits = np.array([2, 3, 4, 8])
     cost = sizes[:, None] * bits[None, :].astype(np.float64)
     # errors roughly 4^-b per weight, with noise (not always monotone)
-    err = (
-        rng.uniform(0.5, 2.0, size=(n, 1))
-        * 4.0 ** -bits[None, :]
-        * rng.uniform(0.7, 1.3, size=(n, k))
-    )
+    err = rng.uniform(0.5, 2.0, size=(n, 1)) * 4.0 ** -bits[None, :] * rng.uniform(0.7, 1.3, size=(n, k))
     budget = float(sizes.sum() * rng.uniform(2.5, 6.0))
     choice = _allocate(err, cost, budget)
     assert choice is not None
@@ -207,9 +199,7 @@ def test_override_matching_nothing_is_an_error() -> None:
 
 def test_first_last_8bit() -> None:
     mse = np.array([[4.0**-b for b in BITS]] * 4)
-    cfg = SearchConfig(
-        rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None, first_last_8bit=True
-    )
+    cfg = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None, first_last_8bit=True)
     plan = search_bitwidths(_table(mse, [10] * 4), cfg)
     assert [plan.bits[f"w{i}"] for i in range(4)] == [8, 3, 3, 8]
 

@@ -101,9 +101,7 @@ def test_perturbed_weights_match_numpy(
         assert s.sqnr_db == pytest.approx(_sqnr(y_fp.sum(1), y_q.sum(1)), abs=1e-3)
 
 
-def test_labels_give_accuracy(
-    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
-) -> None:
+def test_labels_give_accuracy(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
     delta = (0.3 * np.random.default_rng(3).standard_normal(weights.shape)).astype(np.float32)
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights + delta)
@@ -117,17 +115,13 @@ def test_labels_give_accuracy(
         assert run.top1_quant == pytest.approx(expected_q)
 
 
-def test_label_count_mismatch(
-    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
-) -> None:
+def test_label_count_mismatch(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     with pytest.raises(CalibrationError, match="12 labels for 13 samples"):
         V.validate(fp, fp, _samples(x_batches, np.zeros(12, np.int64)), CFG)
 
 
-def test_progress_and_external_data(
-    tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]
-) -> None:
+def test_progress_and_external_data(tmp_path: Path, weights: np.ndarray, x_batches: list[np.ndarray]) -> None:
     fp = _save_matmul(tmp_path / "fp.onnx", weights)
     q = _save_matmul(tmp_path / "q.onnx", weights, external=True)
     assert (tmp_path / "q.onnx.data").exists()
