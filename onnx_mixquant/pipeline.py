@@ -21,7 +21,7 @@ import numpy as np
 from onnx_mixquant import data, export, graph, rounding, search, validate
 from onnx_mixquant.config import QuantConfig, SearchRule
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
-from onnx_mixquant.numerics import dequantize
+from onnx_mixquant.numerics import roundoff_error
 from onnx_mixquant.report import Report, WeightReport
 
 __all__ = ["Progress", "quantize"]
@@ -189,12 +189,9 @@ def _weight_reports(
         qw = quantized.get(s.name)
         mse = sqnr = None
         if qw is not None:
-            w = weights[s.name].astype(np.float64)
-            mse = float(np.mean((w - dequantize(qw.q, qw.qparams)) ** 2))
-            energy = float(np.mean(w**2))
-            sqnr = (
-                math.inf if mse == 0 else 10 * math.log10(energy / mse) if energy > 0 else -math.inf
-            )
+            mse = roundoff_error(weights[s.name], qw.qparams)
+            energy = float(np.mean(np.square(weights[s.name], dtype=np.float64)))
+            sqnr = math.inf if mse == 0 else 10 * math.log10(energy / mse) if energy > 0 else -math.inf
         out.append(
             WeightReport(
                 name=s.name,

@@ -83,7 +83,10 @@ def write_json(report: Report, path: str | Path) -> None:
     """Write the JSON report atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(to_json(report), f, indent=2, sort_keys=False)
             f.write("\n")

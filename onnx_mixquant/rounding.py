@@ -23,7 +23,8 @@ class QuantizedWeight:
 
     Attributes:
         name: weight-site name.
-        q: int32 array, same shape as the float weight, inside ``qparams``' integer range.
+        q: int8 (signed) or uint8 (unsigned) array, same shape as the float weight, inside
+            ``qparams``' integer range (at most 8 bits, so one byte per value in memory).
         qparams: scale / zero-point / axis / bits / signedness.
     """
 
@@ -63,7 +64,8 @@ def round_nearest(
             p=quantizer.mse_p,
             steps=quantizer.mse_steps,
         )
-        out[name] = QuantizedWeight(name=name, q=quantize(weights[name], qp), qparams=qp)
+        q = quantize(weights[name], qp).astype(np.int8 if qp.signed else np.uint8)
+        out[name] = QuantizedWeight(name=name, q=q, qparams=qp)
         if progress is not None:
             progress(i + 1, len(todo))
     return out
