@@ -163,10 +163,10 @@ def _np_dtype(inp: ModelInput) -> np.dtype:
 
 def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
     if dtype.kind in "iu":
-        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
-    return rng.random(shape) < 0.5
+        return np.asarray(rng.integers(0, _INT_HIGH, size=shape), dtype=dtype)
+    return np.asarray(rng.random(shape) < 0.5)  # rank-0 inputs need arrays, not NumPy scalars
 
 
 def random_samples(
