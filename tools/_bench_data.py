@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -97,16 +98,24 @@ def read_csv(path: Path) -> list[tuple[str, int]]:
         return [(row["path"], int(row["label"])) for row in reader]
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save atomically (temporary file in the same folder, then rename)."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` via a temporary file in the same folder (mode 0644), then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    write_atomic(path, buf.getvalue())
 
 
 def _decode_all(root: Path, rows: list[tuple[str, int]], dataset: str) -> EvalSet:
@@ -136,7 +145,6 @@ def load_eval_set(bench_dir: Path, dataset: str, cache_dir: Path) -> EvalSet:
         log(f"  [{dataset}] cached arrays {x_path}")
         return EvalSet(dataset, np.load(x_path), np.load(y_path))
     data = _decode_all(root, read_csv(csv_path), dataset)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     _save_npy(x_path, data.x)
     _save_npy(y_path, data.y)
     return data

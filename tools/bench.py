@@ -443,20 +443,6 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     return "\n".join([*lines, MARK_END]) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` via a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are committed
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def merge_section(old: str | None, section: str) -> str:
     """Replace the marked section of ``old`` (or append it; or start a new file) and keep the rest."""
     if old is None:
@@ -502,8 +488,8 @@ def write_outputs(runs: list[ModelRun], meta: dict[str, Any], args: argparse.Nam
     """BENCHMARKS.md section and raw JSON, both written atomically."""
     out: Path = args.out
     old = out.read_text(encoding="utf-8") if out.is_file() else None
-    write_atomic(out, merge_section(old, render_section(runs, meta)))
-    write_atomic(args.json, results_json(runs, meta))
+    bd.write_atomic(out, merge_section(old, render_section(runs, meta)).encode())
+    bd.write_atomic(args.json, results_json(runs, meta).encode())
     bd.log(f"wrote {out} and {args.json}")
 
 
