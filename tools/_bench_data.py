@@ -181,3 +181,18 @@ def top1(sess: ort.InferenceSession, data: EvalSet, batch: int, label: str) -> f
             log(f"  [{label}] eval {done}/{n} images, running top-1 {correct / done:.4f}")
             next_report = done + step
     return correct / n
+
+
+def mark(section: str, edge: str) -> str:
+    """The HTML comment that opens (edge="start") or closes (edge="end") a BENCHMARKS.md section."""
+    return f"<!-- bench:{section}:{edge} -->"
+
+
+def merge_section(old: str | None, text: str, section: str) -> str:
+    """Replace the marked ``section`` of ``old`` (or append it; or start a new file), keep the rest."""
+    if old is None:
+        return "# Benchmarks\n\n" + text
+    start, end = old.find(mark(section, "start")), old.find(mark(section, "end"))
+    if start < 0 or end < start:
+        return old.rstrip("\n") + "\n\n" + text
+    return old[:start] + text.rstrip("\n") + old[end + len(mark(section, "end")) :]

@@ -60,8 +60,6 @@ from onnx_mixquant import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MARK_START = "<!-- bench:weight-only:start -->"
-MARK_END = "<!-- bench:weight-only:end -->"
 #: model name -> dataset folder under bench/data.
 MODELS: dict[str, str] = {
     "resnet20_cifar10": "cifar10",
@@ -423,7 +421,7 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     """The whole BENCHMARKS.md section, markers included."""
     m = meta["machine"]
     lines = [
-        MARK_START, "## Weight-only quantization: accuracy, size and time", "",
+        bd.mark("weight-only", "start"), "## Weight-only quantization: accuracy, size and time", "",
         f"Produced by `{meta['command']}` on {meta['date']} (total {meta['total_s']:.0f} s).", "",
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']} ({m['ort_provider']}, {m['ort_graph_optimization_level']}, "
@@ -440,17 +438,7 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     ]
     for run in runs:
         lines += model_table(run)
-    return "\n".join([*lines, MARK_END]) + "\n"
-
-
-def merge_section(old: str | None, section: str) -> str:
-    """Replace the marked section of ``old`` (or append it; or start a new file) and keep the rest."""
-    if old is None:
-        return "# Benchmarks\n\n" + section
-    start, end = old.find(MARK_START), old.find(MARK_END)
-    if start < 0 or end < start:
-        return old.rstrip("\n") + "\n\n" + section
-    return old[:start] + section.rstrip("\n") + old[end + len(MARK_END):]
+    return "\n".join([*lines, bd.mark("weight-only", "end")]) + "\n"
 
 
 def results_json(runs: list[ModelRun], meta: dict[str, Any]) -> str:
@@ -488,7 +476,7 @@ def write_outputs(runs: list[ModelRun], meta: dict[str, Any], args: argparse.Nam
     """BENCHMARKS.md section and raw JSON, both written atomically."""
     out: Path = args.out
     old = out.read_text(encoding="utf-8") if out.is_file() else None
-    bd.write_atomic(out, merge_section(old, render_section(runs, meta)).encode())
+    bd.write_atomic(out, bd.merge_section(old, render_section(runs, meta), "weight-only").encode())
     bd.write_atomic(args.json, results_json(runs, meta).encode())
     bd.log(f"wrote {out} and {args.json}")
 
