@@ -83,7 +83,9 @@ def render(args: argparse.Namespace, n: int, times: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=float, default=1e8, help="total weights (default 1e8)")
     parser.add_argument("--count", type=int, default=100, help="number of tensors")
     parser.add_argument("--repeats", type=int, default=3)

@@ -24,8 +24,12 @@ def build(dim: int, layers: int, seed: int) -> ir.Model:
     h = x
     for i in range(layers):
         w = (rng.standard_normal((dim, dim), dtype=np.float32) / np.sqrt(dim)).astype(np.float32)
-        wv = ir.Value(name=f"W{i}", const_value=ir.tensor(w, name=f"W{i}"),
-                      shape=ir.Shape([dim, dim]), type=ir.TensorType(ir.DataType.FLOAT))
+        wv = ir.Value(
+            name=f"W{i}",
+            const_value=ir.tensor(w, name=f"W{i}"),
+            shape=ir.Shape([dim, dim]),
+            type=ir.TensorType(ir.DataType.FLOAT),
+        )
         graph.register_initializer(wv)
         mm = ir.node("MatMul", [h, wv], name=f"matmul{i}")
         graph.append(mm)
@@ -42,7 +46,9 @@ def build(dim: int, layers: int, seed: int) -> ir.Model:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--gib", type=float, default=2.2, help="total weight size in GiB")
     parser.add_argument("--layers", type=int, default=4)
