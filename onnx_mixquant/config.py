@@ -16,7 +16,11 @@ from onnx_mixquant.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BITS",
+    "ActivationConfig",
+    "CalibMethod",
     "ExportConfig",
+    "ImageLayout",
+    "ImageSpec",
     "Granularity",
     "QemReference",
     "QuantConfig",
@@ -167,6 +171,92 @@ class SearchConfig:
                 raise ConfigError(f"target bytes must be positive, got {self.target_bytes!r}")
 
 
+class CalibMethod(enum.Enum):
+    """How an activation range is chosen from calibration statistics.
+
+    ``MINMAX``: observed min and max. ``PERCENTILE``: the ``percentile`` / ``100 - percentile``
+    quantiles of the histogram. ``MSE``: the range minimising mean ``|x - x'|^p`` over the histogram
+    (DESIGN.md's p-norm search, p = 2.4).
+    """
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+class ImageLayout(enum.Enum):
+    """Tensor layout a model expects for an image batch."""
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Preprocessing for a folder of images (decode -> RGB/BGR -> resize -> crop -> scale/normalise).
+
+    ``resize``: short side in pixels before the crop (None: no resize). ``crop``: (height, width)
+    centre crop (None: none). Pixel values are first multiplied by ``scale`` (e.g. 1/255), then
+    ``(x - mean) / std`` per channel.
+    """
+
+    resize: int | None = None
+    crop: tuple[int, int] | None = None
+    layout: ImageLayout = ImageLayout.NCHW
+    bgr: bool = False
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and self.resize < 1:
+            raise ConfigError(f"image resize must be a positive pixel count, got {self.resize!r}")
+        if self.crop is not None and (len(self.crop) != 2 or min(self.crop) < 1):
+            raise ConfigError(f"image crop must be two positive sizes (height, width), got {self.crop!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"image scale must be a positive number, got {self.scale!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("image mean and std need three values (one per colour channel)")
+        if any(not (math.isfinite(v) and v > 0) for v in self.std):
+            raise ConfigError(f"image std values must be positive, got {self.std!r}")
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Static activation quantization (needs calibration data)."""
+
+    enabled: bool = False
+    method: CalibMethod = CalibMethod.MINMAX
+    #: PERCENTILE keeps this share (in %) of the values inside the range.
+    percentile: float = 99.999
+    #: Histogram bins for PERCENTILE and MSE.
+    num_bins: int = 2048
+    #: p of the MSE search's score mean(|x - x'|^p).
+    mse_p: float = 2.4
+    #: uint8 asymmetric (False, the default) or int8 symmetric (True).
+    symmetric: bool = False
+    #: Keep graph outputs (e.g. logits) in float.
+    keep_outputs_float: bool = True
+    #: Node names (exact, or "re:REGEX") and op types whose activations stay float.
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    #: Calibration samples used at most (seeded sample when the source has more).
+    calib_size: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if not 16 <= self.num_bins <= 1 << 16:
+            raise ConfigError(f"num_bins must be in 16..65536, got {self.num_bins!r}")
+        if not (math.isfinite(self.mse_p) and self.mse_p > 0):
+            raise ConfigError(f"activation mse_p must be positive, got {self.mse_p!r}")
+        if self.calib_size is not None and self.calib_size < 1:
+            raise ConfigError(f"calib_size must be >= 1, got {self.calib_size!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size!r}")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """The QDQ rewrite and the saved file."""
@@ -214,6 +304,7 @@ class QuantConfig:
 
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     seed: int = 0
