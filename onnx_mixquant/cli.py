@@ -18,8 +18,12 @@ import click
 from onnx_mixquant import __version__
 from onnx_mixquant.config import (
     DEFAULT_BITS,
+    ActivationConfig,
+    CalibMethod,
     ExportConfig,
     Granularity,
+    ImageLayout,
+    ImageSpec,
     QemReference,
     QuantConfig,
     QuantizerConfig,
@@ -32,6 +36,7 @@ from onnx_mixquant.config import (
 )
 from onnx_mixquant.errors import ConfigError, MixQuantError
 from onnx_mixquant.pipeline import quantize
+from onnx_mixquant.preprocess import save_preprocess_model
 from onnx_mixquant.report import format_text, to_json, write_json
 
 __all__ = ["main"]
@@ -63,6 +68,27 @@ def _parse_bits_list(ctx: click.Context, param: click.Parameter, value: str) -> 
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError as e:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from e
+
+
+def _parse_hw(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not H or HxW (e.g. 224 or 224x224)")
+    return int(m.group(1)), int(m.group(2) or m.group(1))
+
+
+def _parse_triple(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not three comma-separated numbers") from e
+    if len(out) != 3:
+        raise click.BadParameter(f"{value!r} is not three comma-separated numbers")
+    return out
 
 
 def _parse_pairs(
@@ -154,8 +180,65 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             try_cuda=opts["cuda"],
             min_sqnr_db=opts["min_sqnr"],
         ),
+        activations=_activation_config(opts),
         seed=opts["seed"],
     )
+
+
+def _activation_config(opts: dict[str, Any]) -> ActivationConfig:
+    return ActivationConfig(
+        enabled=bool(opts["calib"]) and not opts["weight_only"],
+        method=CalibMethod(opts["calib_method"]),
+        percentile=opts["percentile"],
+        symmetric=opts["act_type"] == "int8",
+        keep_outputs_float=not opts["quantize_outputs"],
+        exclude_nodes=tuple(opts["exclude_node"]),
+        exclude_op_types=tuple(opts["exclude_op_type"]),
+        calib_size=opts["calib_size"],
+    )
+
+
+IMAGE_KEYS = ("resize", "crop", "layout", "bgr", "scale", "mean", "std")
+
+
+def image_spec(opts: dict[str, Any]) -> ImageSpec | None:
+    """ImageSpec from --image-config and the --image-* options (options override the file)."""
+    given: dict[str, Any] = {}
+    if opts["image_config"] is not None:
+        given.update(_read_image_config(opts["image_config"]))
+    cli = {"resize": opts["image_resize"], "crop": opts["image_crop"], "layout": opts["image_layout"],
+           "bgr": opts["bgr"], "scale": opts["image_scale"], "mean": opts["mean"], "std": opts["std"]}
+    given.update({k: v for k, v in cli.items() if v is not None})
+    if not given:
+        return None
+    if "layout" in given:
+        given["layout"] = ImageLayout(given["layout"])
+    for key in ("crop", "mean", "std"):
+        if key in given:
+            given[key] = tuple(given[key])
+    return ImageSpec(**given)
+
+
+def _read_image_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise click.BadParameter(f"{path}: cannot read: {e.strerror}", param_hint="--image-config") from e
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{path}: not valid JSON: {e}", param_hint="--image-config") from e
+    if not isinstance(raw, dict) or set(raw) - set(IMAGE_KEYS):
+        extra = sorted(set(raw) - set(IMAGE_KEYS)) if isinstance(raw, dict) else raw
+        raise click.BadParameter(f"{path}: expected an object with keys {', '.join(IMAGE_KEYS)}; "
+                                 f"unexpected: {extra}", param_hint="--image-config")
+    if isinstance(raw.get("crop"), int):
+        raw["crop"] = (raw["crop"], raw["crop"])
+    return raw
+
+
+def _calib_source(paths: tuple[Path, ...]) -> Path | list[Path] | None:
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else list(paths)
 
 
 def _ask_dim(input_name: str, dim: str) -> int:
@@ -247,6 +330,30 @@ def _ask_dim(input_name: str, dim: str) -> int:
     help="Convert the model's opset when the integer types need it (else refuse).",
 )
 @click.option(
+    "--calib",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Calibration data for 8-bit activations: a folder of .npy/.npz, one .npz, ONNX "
+    "test_data_set folders, a folder of images (with --image-* options), or several files. Repeatable.",
+)
+@click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples (seeded sample).")
+@click.option("--calib-method", type=click.Choice([m.value for m in CalibMethod]), default=ActivationConfig().method.value, show_default=True, help="Activation range: min/max, percentile of the histogram, or the p-norm (MSE) search.")
+@click.option("--percentile", type=float, default=ActivationConfig().percentile, show_default=True, help="Share of values kept inside the range with --calib-method percentile.")
+@click.option("--act-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="Activation type: asymmetric uint8 or symmetric int8.")
+@click.option("--weight-only", is_flag=True, help="Keep activations float even with --calib (calibration data only validate).")
+@click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs (default: they stay float).")
+@click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node's activations float (exact name or 're:REGEX'). Repeatable.")
+@click.option("--exclude-op-type", multiple=True, metavar="OP", help="Keep activations of every node of this op type float. Repeatable.")
+@click.option("--image-config", type=click.Path(path_type=Path, dir_okay=False), help="JSON file with image preprocessing: resize, crop, layout, bgr, scale, mean, std.")
+@click.option("--image-resize", type=click.IntRange(min=1), help="Resize images so the short side has N pixels.")
+@click.option("--image-crop", callback=_parse_hw, metavar="H[xW]", help="Centre crop to H x W pixels (or H x H).")
+@click.option("--image-layout", type=click.Choice([m.value for m in ImageLayout]), help="Layout the model expects  [default: NCHW].")
+@click.option("--bgr", is_flag=True, default=None, help="Feed BGR instead of RGB.")
+@click.option("--image-scale", type=float, help="Multiply pixel values (0..255) by this first  [default: 1/255].")
+@click.option("--mean", callback=_parse_triple, metavar="R,G,B", help="Subtract per channel after scaling  [default: 0,0,0].")
+@click.option("--std", callback=_parse_triple, metavar="R,G,B", help="Divide per channel after the mean  [default: 1,1,1].")
+@click.option("--save-preprocess", type=click.Path(path_type=Path, dir_okay=False), help="Also write the image preprocessing graph (ONNX) here.")
+@click.option(
     "--samples",
     type=click.Path(path_type=Path),
     help="Validation inputs: .npz keyed by input name (optional 'labels') or .npy.",
@@ -323,6 +430,17 @@ def main(
         raise click.BadParameter(
             f"folder {report_path.absolute().parent} does not exist", param_hint="--report"
         )
+    try:
+        spec = image_spec(opts)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    if opts["save_preprocess"] is not None:
+        if spec is None:
+            raise click.UsageError("--save-preprocess needs image preprocessing options")
+        try:
+            save_preprocess_model(spec, opts["save_preprocess"])
+        except OSError as e:
+            raise click.ClickException(f"{opts['save_preprocess']}: cannot write: {e.strerror}") from e
     bars = _StageBars(enabled=not quiet)
     try:
         report = quantize(
@@ -330,6 +448,8 @@ def main(
             output_model,
             cfg,
             samples_path=opts["samples"],
+            calib=_calib_source(opts["calib"]),
+            image_spec=spec,
             progress=bars,
             ask_dim=_ask_dim if sys.stdin.isatty() else None,
         )

@@ -11,20 +11,24 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnx_mixquant import data, export, graph, rounding, search, validate
-from onnx_mixquant.config import QuantConfig, SearchRule
+from onnx_mixquant import activations, calibrate, data, export, graph, rounding, search, validate
+from onnx_mixquant._fusion import check_fusion
+from onnx_mixquant.config import ImageSpec, QuantConfig, SearchRule
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import roundoff_error
-from onnx_mixquant.report import Report, WeightReport
+from onnx_mixquant.report import ActivationReport, ActivationTensor, Report, WeightReport
 
 __all__ = ["Progress", "quantize"]
+
+#: Calibration samples reused for validation when no --samples file is given.
+VALIDATION_FROM_CALIB = 64
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ def quantize(
     config: QuantConfig | None = None,
     *,
     samples_path: str | Path | None = None,
+    calib: Any = None,
+    image_spec: ImageSpec | None = None,
     progress: Progress | None = None,
     ask_dim: AskDim | None = None,
 ) -> Report:
@@ -64,7 +70,12 @@ def quantize(
         input_path: FP32 ONNX model (external data next to it is read too).
         output_path: where to write; never the input. Written only when every quality gate passes.
         config: all options; defaults when None.
-        samples_path: .npz/.npy inputs (and optional labels) to validate on; random inputs if None.
+        samples_path: .npz/.npy inputs (and optional labels) to validate on; else the calibration
+            data when given, else random inputs.
+        calib: calibration data for activation quantization (``config.activations.enabled``): a
+            path (folder of .npy/.npz, one .npz, ONNX test_data_set folders, a folder of images),
+            a list of paths, an onnxruntime ``CalibrationDataReader`` or an iterable of input dicts.
+        image_spec: preprocessing when ``calib`` is a folder of images.
         progress: progress(stage, done, total) for long stages.
         ask_dim: asked for symbolic input dims the config does not set (random inputs only).
 
@@ -86,29 +97,18 @@ def quantize(
             f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
             f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
         )
-    samples = _samples(read, cfg, samples_path, ask_dim) if cfg.validate.enabled else None
-    values = graph.weight_values(read.model)
-    weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
-    axes = {s.name: s.axis for s in read.sites}
-    with _timed(timings, "error_table"):
-        table = search.build_error_table(
-            weights,
-            axes,
-            cfg.quantizer,
-            cfg.search.candidate_bits,
-            _stage_progress(progress, "error table"),
-        )
-    with _timed(timings, "search"):
-        aliases = {s.name: s.consumers for s in read.sites}
-        plan = search.search_bitwidths(
-            table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2
-        )
-    with _timed(timings, "rounding"):
-        quantized = rounding.round_nearest(
-            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding")
-        )
+    calib_data = _open_calibration(read, cfg, calib, image_spec)
+    samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
+    weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
+    acts = None
+    if calib_data is not None:
+        try:
+            acts = _quantize_activations(model, calib_data, cfg, timings, progress)
+        finally:
+            calib_data.close()  # removes what a one-shot reader spooled to disk
+    with _timed(timings, "save"):
         staged = export.stage_model(model, Path(output_path), src, cfg.export)
     try:
         result = None
@@ -117,6 +117,9 @@ def quantize(
                 result = validate.validate(
                     src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
                 )
+        if acts is not None:
+            with _timed(timings, "fusion_check"):
+                acts = replace(acts, fusion=check_fusion(staged.path, acts.compute_nodes))
         failures = _gate(result, cfg)
         if not failures:
             staged.commit()
@@ -139,16 +142,90 @@ def quantize(
         output_written=not failures,
         settings=_settings(cfg, samples_path),
         timings_s=timings,
-        warnings=_warnings(read, plan, exported),
+        warnings=_warnings(read, plan, exported, acts),
+        activations=acts,
     )
 
 
+def _quantize_weights(
+    read: graph.ReadModel, cfg: QuantConfig, timings: dict[str, float], progress: Progress | None
+) -> tuple[dict[str, np.ndarray], search.BitPlan, dict[str, rounding.QuantizedWeight]]:
+    """Error table -> bit plan -> nearest rounding, for every weight site."""
+    values = graph.weight_values(read.model)
+    weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
+    axes = {s.name: s.axis for s in read.sites}
+    with _timed(timings, "error_table"):
+        table = search.build_error_table(
+            weights, axes, cfg.quantizer, cfg.search.candidate_bits,
+            _stage_progress(progress, "error table"),
+        )
+    with _timed(timings, "search"):
+        aliases = {s.name: s.consumers for s in read.sites}
+        plan = search.search_bitwidths(table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2)
+    with _timed(timings, "rounding"):
+        quantized = rounding.round_nearest(
+            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding")
+        )
+    return weights, plan, quantized
+
+
+def _open_calibration(
+    read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None
+) -> data.CalibrationData | None:
+    act = cfg.activations
+    if not act.enabled:
+        return None
+    if calib is None:
+        raise ConfigError("activation quantization needs calibration data (--calib PATH)")
+    return data.open_calibration(calib, read.inputs, calib_size=act.calib_size, seed=cfg.seed,
+                                 batch_size=act.batch_size, image_spec=image_spec)
+
+
+def _quantize_activations(
+    model: Any, calib: data.CalibrationData, cfg: QuantConfig, timings: dict[str, float],
+    progress: Progress | None,
+) -> ActivationReport:
+    """Plan activation tensors, calibrate their ranges on ``calib``, insert their Q/DQ (in place)."""
+    act = cfg.activations
+    aplan = activations.plan_activations(model, act)
+    with _timed(timings, "calibrate"):
+        result = calibrate.collect_ranges(model, aplan.calibrated(), calib.batches(), act,
+                                          _stage_progress(progress, "calibrate"), calib.num_batches)
+    params = {n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric)
+              for n, r in result.ranges.items()}
+    activations.insert_activation_qdq(model, aplan, params)
+    compute = _compute_readers(model, aplan)
+    return ActivationReport(
+        method=act.method.value, dtype="INT8" if act.symmetric else "UINT8",
+        calib_source=calib.source, num_samples=result.num_samples, provider=result.provider,
+        tensors=tuple(
+            ActivationTensor(name=s.name, shared_with=s.shared_with,
+                             rmin=float(result.ranges[s.shared_with or s.name].rmin),
+                             rmax=float(result.ranges[s.shared_with or s.name].rmax),
+                             scale=float(params[s.shared_with or s.name].scale),
+                             zero_point=int(params[s.shared_with or s.name].zero_point))
+            for s in aplan.sites),
+        skipped=aplan.skipped, compute_nodes=compute, fusion=None,
+    )
+
+
+def _compute_readers(model: Any, aplan: activations.ActivationPlan) -> tuple[str, ...]:
+    """Conv/ConvTranspose/Gemm/MatMul nodes that read a quantized activation (fusion targets)."""
+    ops = {name: node.op_type for node, name in graph.node_names(model).items()}
+    found = {r for s in aplan.sites for r in s.readers
+             if ops.get(r) in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    return tuple(n for n in ops if n in found)
+
+
 def _samples(
-    read: graph.ReadModel, cfg: QuantConfig, samples_path: str | Path | None, ask_dim: AskDim | None
+    read: graph.ReadModel, cfg: QuantConfig, samples_path: str | Path | None,
+    calib: data.CalibrationData | None, ask_dim: AskDim | None,
 ) -> validate.Samples:
-    """Sample inputs for validation: from the file, else random of resolved shapes."""
+    """Validation inputs: the samples file, else calibration data, else random of resolved shapes."""
     if samples_path is not None:
         return data.load_samples(samples_path, read.inputs)
+    if calib is not None:
+        return calib.as_samples(limit=VALIDATION_FROM_CALIB)
     dims = dict(cfg.validate.dims)
     if ask_dim is not None:
         for inp in read.inputs:
@@ -210,32 +287,37 @@ def _weight_reports(
 
 
 def _warnings(
-    read: graph.ReadModel, plan: search.BitPlan, exported: export.ExportResult
+    read: graph.ReadModel, plan: search.BitPlan, exported: export.ExportResult,
+    acts: ActivationReport | None,
 ) -> tuple[str, ...]:
+    """The known onnxruntime traps (DESIGN.md) that apply to this model, and other notes."""
     out = []
     if exported.opset_after != exported.opset_before:
-        out.append(
-            f"opset converted from {exported.opset_before} to {exported.opset_after} "
-            f"for the integer types used"
-        )
+        out.append(f"opset converted from {exported.opset_before} to {exported.opset_after} "
+                   f"for the integer types used")
     if any(s.axis is None for s in read.sites):
-        out.append(
-            "weights shared by consumers with different channel axes are quantized per tensor"
-        )
-    used = {b for b in plan.bits.values() if b is not None}
-    if any("Conv" in op for s in read.sites if plan.bits[s.name] is not None for op in s.op_types):
-        out.append(
-            "weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
-            "(the file shrinks; inference is not faster)"
-        )
-    if any(
-        op == "MatMul" for s in read.sites if (plan.bits[s.name] or 9) <= 4 for op in s.op_types
-    ):
-        out.append(
-            "at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
-            "whose outputs differ slightly (compare the two validation rows)"
-        )
-    if used & {3, 5, 6, 7}:
+        out.append("weights shared by consumers with different channel axes are quantized per tensor")
+    bits = {s.name: plan.bits[s.name] for s in read.sites}
+    convs = [s for s in read.sites if bits[s.name] is not None and any("Conv" in o for o in s.op_types)]
+    if acts is None and convs:
+        out.append("weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
+                   "(the file shrinks; inference is not faster)")
+    narrow = [s for s in convs if (bits[s.name] or 9) <= 4]
+    if acts is not None and narrow:
+        out.append(f"{len(narrow)} Conv weights have 4 bits or fewer: onnxruntime does not fuse them "
+                   f"into QLinearConv (they run as DequantizeLinear + float Conv, slower than 8-bit)")
+    if acts is not None and acts.fusion is not None and acts.fusion.unfused:
+        shown = ", ".join(list(acts.fusion.unfused)[:5])
+        out.append(f"{len(acts.fusion.unfused)} quantized nodes run in float in onnxruntime: {shown}"
+                   + (" ..." if len(acts.fusion.unfused) > 5 else ""))
+    if acts is not None and exported.storage and any(
+            exported.storage.get(s.name) in ("INT2", "UINT2") for s in convs):
+        out.append("2-bit Conv weights stored as INT2 with 8-bit activation Q/DQ fail to load in "
+                   "onnxruntime at ORT_ENABLE_EXTENDED/ALL; store them as INT4 (drop --int2)")
+    if any(op == "MatMul" for s in read.sites if (bits[s.name] or 9) <= 4 for op in s.op_types):
+        out.append("at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
+                   "whose outputs differ slightly (compare the two validation rows)")
+    if {b for b in bits.values() if b is not None} & {3, 5, 6, 7}:
         out.append("widths 3, 5, 6 and 7 are stored in the next wider ONNX type (INT4/INT8)")
     return tuple(out)
 

@@ -11,10 +11,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnx_mixquant._fusion import FusionResult
 from onnx_mixquant.graph import SkippedWeight
 from onnx_mixquant.validate import ValidationResult
 
-__all__ = ["Report", "WeightReport", "format_text", "to_json", "write_json"]
+__all__ = [
+    "ActivationReport",
+    "ActivationTensor",
+    "Report",
+    "WeightReport",
+    "format_text",
+    "to_json",
+    "write_json",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,33 @@ class WeightReport:
     roundoff_mse: float | None
     sqnr_db: float | None
     reason: str
+
+
+@dataclass(frozen=True)
+class ActivationTensor:
+    """One quantized activation: its calibrated range and 8-bit parameters."""
+
+    name: str
+    shared_with: str | None
+    rmin: float
+    rmax: float
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class ActivationReport:
+    """Static activation quantization: calibration, tensors, and what onnxruntime fused."""
+
+    method: str
+    dtype: str
+    calib_source: str
+    num_samples: int
+    provider: str
+    tensors: tuple[ActivationTensor, ...]
+    skipped: tuple[tuple[str, str], ...]
+    compute_nodes: tuple[str, ...]
+    fusion: FusionResult | None
 
 
 @dataclass(frozen=True)
@@ -57,6 +93,7 @@ class Report:
     settings: Mapping[str, Any] = field(default_factory=dict)
     timings_s: Mapping[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    activations: ActivationReport | None = None
 
 
 def _clean(x: Any) -> Any:
@@ -134,6 +171,7 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
             )
         if len(quant) > max_weights:
             lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
+    lines.extend(_activation_lines(report.activations))
     lines.extend(_validation_lines(report.validation))
     lines.extend(f"warning: {w}" for w in report.warnings)
     lines.extend(f"FAILED: {g}" for g in report.gate_failures)
@@ -155,4 +193,20 @@ def _validation_lines(v: ValidationResult | None) -> list[str]:
             out.append(
                 f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}"
             )
+    return out
+
+
+def _activation_lines(a: ActivationReport | None) -> list[str]:
+    if a is None:
+        return ["activations: float (weight-only; give --calib for 8-bit activations)"]
+    out = [f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
+           f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"]
+    if a.fusion is not None:
+        kinds: dict[str, int] = {}
+        for k in a.fusion.fused.values():
+            kinds[k] = kinds.get(k, 0) + 1
+        fused = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"
+        out.append(f"onnxruntime ({a.fusion.provider}, ORT_ENABLE_ALL): {len(a.fusion.fused)} of "
+                   f"{len(a.compute_nodes)} quantized Conv/Gemm/MatMul fused ({fused}); "
+                   f"{len(a.fusion.unfused)} run in float")
     return out

@@ -1,0 +1,230 @@
+"""Static activation quantization: which activation tensors get Q/DQ, and inserting them.
+
+Placement follows onnxruntime's QDQ convention so that, at ORT_ENABLE_ALL, DQ -> Conv/MatMul/Gemm
+-> Q groups fuse into QLinearConv / QLinearMatMul / QGemm:
+
+* *compute* ops (Conv, ConvTranspose, Gemm, MatMul, Add, Mul, Concat, pools): their float
+  activation inputs and their outputs are quantized;
+* *activation* ops (Relu, Clip): only their outputs. A compute output read only by Relu/Clip is
+  left float, so the pattern is DQ -> Conv -> Relu -> Q, which onnxruntime's Relu/Clip-Q fusion
+  turns into DQ -> Conv -> Q (one requantization instead of two);
+* *pass-through* ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Pad, MaxPool, ...):
+  their output reuses the input's scale and zero point, so onnxruntime can drop the Q/DQ around them.
+
+Graph outputs stay float by default; excluded nodes (by name or op type) keep reading the float
+tensor. Only the main graph is handled (tensors inside If/Loop/Scan bodies stay float).
+
+``insert_activation_qdq`` mutates the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_mixquant.config import ActivationConfig, WeightOverride
+from onnx_mixquant.graph import node_names
+from onnx_mixquant.numerics import QParams, choose_qparams
+
+__all__ = [
+    "ActivationPlan",
+    "ActivationSite",
+    "activation_qparams",
+    "insert_activation_qdq",
+    "plan_activations",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Ops whose float activation inputs and outputs are quantized, with the input indices that carry
+#: activations (None: every input).
+COMPUTE_OPS: dict[str, tuple[int, ...] | None] = {
+    "Conv": (0,), "ConvTranspose": (0,), "Gemm": (0, 1), "MatMul": (0, 1), "Add": None, "Mul": None,
+    "Concat": None, "AveragePool": (0,), "GlobalAveragePool": (0,), "Sigmoid": (0,),
+}
+#: Ops whose outputs are quantized (their inputs are the outputs of compute ops).
+ACTIVATION_OPS = frozenset({"Relu", "Clip"})
+#: Ops whose output reuses the quantization parameters of their first input.
+PASS_OPS = frozenset({
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad", "MaxPool",
+    "Identity", "GlobalMaxPool", "DepthToSpace", "SpaceToDepth", "Resize",
+})
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """One activation tensor that gets QuantizeLinear -> DequantizeLinear.
+
+    Attributes:
+        name: the tensor name.
+        shared_with: the tensor whose scale / zero point it reuses (outputs of pass-through ops),
+            or None when it is calibrated itself.
+        readers: names of the nodes that will read the dequantized tensor.
+    """
+
+    name: str
+    shared_with: str | None
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """The activation tensors to quantize (topological order) and the ones left float, with why."""
+
+    sites: tuple[ActivationSite, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+    def calibrated(self) -> tuple[str, ...]:
+        """Names whose ranges calibration must measure."""
+        return tuple(s.name for s in self.sites if s.shared_with is None)
+
+
+def _excluded(node: ir.Node, name: str, cfg: ActivationConfig) -> bool:
+    if node.op_type in cfg.exclude_op_types:
+        return True
+    return any(WeightOverride(p, None).matches((name,)) for p in cfg.exclude_nodes)
+
+
+def _constant_values(graph: ir.Graph) -> set[int]:
+    """ids of values computable from initializers and Constant nodes alone."""
+    const = {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        ins = [v for v in node.inputs if v is not None]
+        if node.op_type in ("Constant", "ConstantOfShape") or (ins and all(id(v) in const for v in ins)):
+            const.update(id(v) for v in node.outputs)
+    return const
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype == ir.DataType.FLOAT
+
+
+def _candidates(graph: ir.Graph, const: set[int], cfg: ActivationConfig,
+                names: Mapping[ir.Node, str]) -> dict[int, ir.Value]:
+    """Inputs and outputs of compute ops and outputs of activation ops, by value id."""
+    wanted: dict[int, ir.Value] = {}
+    for node in graph:
+        if _excluded(node, names[node], cfg):
+            continue
+        op = node.op_type
+        if op in COMPUTE_OPS:
+            idx = COMPUTE_OPS[op]
+            for i, v in enumerate(node.inputs):
+                if v is not None and (idx is None or i in idx) and id(v) not in const and _is_float(v):
+                    wanted[id(v)] = v
+        if op in COMPUTE_OPS or op in ACTIVATION_OPS:
+            for v in node.outputs:
+                if _is_float(v) and not _only_read_by_activation(v):
+                    wanted[id(v)] = v
+    return wanted
+
+
+def _only_read_by_activation(value: ir.Value) -> bool:
+    uses = value.uses()
+    return bool(uses) and all(u[0].op_type in ACTIVATION_OPS for u in uses) and not value.is_graph_output()
+
+
+def plan_activations(model: ir.Model, cfg: ActivationConfig) -> ActivationPlan:
+    """Choose the activation tensors of the main graph to quantize (see the module docstring)."""
+    graph = model.graph
+    names = node_names(model)
+    const = _constant_values(graph)
+    wanted = _candidates(graph, const, cfg, names)
+    shared: dict[int, str] = {}
+    for node in graph:  # propagate parameters through pass-through ops, in topological order
+        if node.op_type in PASS_OPS and node.inputs and node.inputs[0] is not None:
+            src = node.inputs[0]
+            if (id(src) in wanted or id(src) in shared) and not _excluded(node, names[node], cfg):
+                root = shared.get(id(src), src.name)
+                for v in node.outputs[:1]:
+                    if _is_float(v):
+                        shared[id(v)] = root or ""
+                        wanted.setdefault(id(v), v)
+    sites, skipped = [], []
+    order = [v for v in graph.inputs] + [v for n in graph for v in n.outputs]
+    for v in order:
+        if id(v) not in wanted:
+            continue
+        if v.is_graph_output() and cfg.keep_outputs_float:
+            skipped.append((v.name or "", "graph output kept float"))
+            continue
+        readers = tuple(names[u[0]] for u in v.uses() if u[0].graph is graph
+                        and not _excluded(u[0], names[u[0]], cfg))
+        if not readers and not v.is_graph_output():
+            skipped.append((v.name or "", "read only by excluded nodes"))
+            continue
+        sites.append(ActivationSite(name=v.name or "", shared_with=shared.get(id(v)), readers=readers))
+    logger.info("activation plan: %d tensors quantized (%d share parameters), %d left float",
+                len(sites), sum(s.shared_with is not None for s in sites), len(skipped))
+    return ActivationPlan(sites=tuple(sites), skipped=tuple(skipped))
+
+
+def activation_qparams(rmin: float, rmax: float, symmetric: bool) -> QParams:
+    """8-bit per-tensor parameters for the range [rmin, rmax] (zero always representable)."""
+    return choose_qparams(np.array([rmin, rmax], dtype=np.float32), 8, symmetric=symmetric, axis=None)
+
+
+def insert_activation_qdq(model: ir.Model, plan: ActivationPlan, params: Mapping[str, QParams]) -> int:
+    """Insert Q -> DQ after every planned tensor; returns the number of pairs inserted.
+
+    Args:
+        model: the model (mutated).
+        plan: from :func:`plan_activations` on this model.
+        params: tensor name -> 8-bit parameters for every ``plan.calibrated()`` tensor.
+    """
+    graph = model.graph
+    names = node_names(model)
+    values = {v.name: v for v in [*graph.inputs, *(o for n in graph for o in n.outputs)]}
+    consts: dict[str, tuple[ir.Value, ir.Value]] = {}
+    for site in plan.sites:
+        root = site.shared_with or site.name
+        if root not in consts:
+            consts[root] = _register_params(graph, root, params[root])
+        _insert_pair(graph, values[site.name], consts[root], set(site.readers), names)
+    return len(plan.sites)
+
+
+def _register_params(graph: ir.Graph, name: str, qp: QParams) -> tuple[ir.Value, ir.Value]:
+    dtype = ir.DataType.INT8 if qp.signed else ir.DataType.UINT8
+    np_dtype = np.int8 if qp.signed else np.uint8
+    scale = ir.Value(name=f"{name}_act_scale", const_value=ir.tensor(
+        np.asarray(qp.scale, dtype=np.float32), name=f"{name}_act_scale"))
+    zp = ir.Value(name=f"{name}_act_zero_point", const_value=ir.tensor(
+        np.asarray(qp.zero_point).astype(np_dtype), dtype=dtype, name=f"{name}_act_zero_point"))
+    for v in (scale, zp):
+        assert v.const_value is not None
+        v.type = ir.TensorType(v.const_value.dtype)
+        v.shape = ir.Shape([])
+        graph.register_initializer(v)
+    return scale, zp
+
+
+def _insert_pair(graph: ir.Graph, value: ir.Value, qparams: tuple[ir.Value, ir.Value],
+                 readers: set[str], names: Mapping[ir.Node, str]) -> None:
+    """value -> Q -> DQ; the planned readers (not the others) switch to the DQ output."""
+    scale, zp = qparams
+    name = value.name
+    q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{name}_QuantizeLinear")
+    q.outputs[0].name = f"{name}_quantized"
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{name}_DequantizeLinear")
+    out = dq.outputs[0]
+    out.name = f"{name}_dequantized"
+    out.type = value.type
+    out.shape = value.shape
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [q, dq])
+    elif len(graph) > 0:
+        graph.insert_before(next(iter(graph)), [q, dq])
+    else:
+        graph.extend([q, dq])
+    for node, index in list(value.uses()):
+        if node is not q and names.get(node) in readers:
+            node.replace_input_with(index, out)
+    if value.is_graph_output():  # only planned when outputs are quantized too: keep the name
+        graph.outputs[graph.outputs.index(value)] = out
+        value.name, out.name = f"{name}_float", name

@@ -1,0 +1,131 @@
+"""Activation Q/DQ placement, insertion, and what onnxruntime fuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_mixquant._fusion import check_fusion
+from onnx_mixquant.activations import activation_qparams, insert_activation_qdq, plan_activations
+from onnx_mixquant.config import ActivationConfig, ExportConfig, QuantizerConfig
+from onnx_mixquant.export import insert_qdq
+from onnx_mixquant.graph import read_model, weight_array, weight_values
+from onnx_mixquant.rounding import round_nearest
+
+
+def _residual_model(path: Path, seed: int = 0) -> Path:
+    """x -> Conv1 -> Relu1 -> Conv2 -> Add(+Relu1) -> Relu2 -> MaxPool -> Flatten -> Gemm -> y."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.normal(size=(8, 8, 3, 3)) * 0.15).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array((rng.normal(size=(10, 8 * 4 * 4)) * 0.1).astype(np.float32), "wg"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg"], ["y"], name="gemm", transB=1),
+    ]
+    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def _weights_quantized(path: Path, bits: int) -> ir.Model:
+    read = read_model(path)
+    values = weight_values(read.model)
+    weights = {s.name: weight_array(values[s.name]) for s in read.sites}
+    qw = round_nearest(weights, {s.name: s.axis for s in read.sites}, dict.fromkeys(weights, bits), QuantizerConfig())
+    model, _ = insert_qdq(read.model, qw, ExportConfig())
+    return model
+
+
+def _ranges(path: Path, names: tuple[str, ...], x: np.ndarray) -> dict[str, tuple[float, float]]:
+    m = onnx.load(path)
+    for n in names:
+        m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        list(names), {"x": x})
+    return {n: (float(o.min()), float(o.max())) for n, o in zip(names, outs, strict=True)}
+
+
+def test_plan_follows_onnxruntime_qdq_convention(tmp_path: Path) -> None:
+    model = _weights_quantized(_residual_model(tmp_path / "m.onnx"), 8)
+    plan = plan_activations(model, ActivationConfig(enabled=True))
+    by = {s.name: s for s in plan.sites}
+    # c1 is read only by Relu: left float so that Relu -> Q fuses; s likewise
+    assert set(by) == {"x", "r1", "c2", "r2", "p", "f"}
+    assert by["p"].shared_with == "r2" and by["f"].shared_with == "r2"
+    assert by["r1"].shared_with is None and set(by["r1"].readers) == {"conv2", "add"}
+    assert plan.calibrated() == ("x", "r1", "c2", "r2")
+    assert ("y", "graph output kept float") in plan.skipped
+
+
+def test_exclusions(tmp_path: Path) -> None:
+    model = _weights_quantized(_residual_model(tmp_path / "m.onnx"), 8)
+    plan = plan_activations(model, ActivationConfig(enabled=True, exclude_op_types=("Add",),
+                                                    exclude_nodes=("re:^gemm$",)))
+    by = {s.name: s for s in plan.sites}
+    assert "c2" not in by and ("c2", "read only by excluded nodes") in plan.skipped
+    assert by["r1"].readers == ("conv2",)
+    assert "f" not in by  # read only by the excluded Gemm
+    plan = plan_activations(model, ActivationConfig(enabled=True, keep_outputs_float=False))
+    assert "y" in {s.name for s in plan.sites}
+
+
+@pytest.mark.parametrize(("bits", "fused"), [(8, True), (4, False)])
+def test_insert_runs_close_to_float_and_fuses_8_bit(tmp_path: Path, bits: int, fused: bool) -> None:
+    src = _residual_model(tmp_path / "m.onnx")
+    model = _weights_quantized(src, bits)
+    plan = plan_activations(model, ActivationConfig(enabled=True))
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    params = {n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()}
+    assert insert_activation_qdq(model, plan, params) == 6
+    out = tmp_path / "q.onnx"
+    ir.save(model, out)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so.graph_optimization_level = level
+        got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
+        assert sqnr > (25 if bits == 8 else 12), (level, sqnr)
+    result = check_fusion(out, ["conv1", "conv2", "gemm"])
+    assert result is not None
+    if fused:
+        assert result.fused == {"conv1": "QLinearConv", "conv2": "QLinearConv", "gemm": "QGemm"}
+    else:  # 4-bit weights: onnxruntime keeps DequantizeLinear + float Conv
+        assert result.unfused["conv1"] == "Conv (float)" and result.unfused["conv2"] == "Conv (float)"
+
+
+def test_shared_parameters_are_one_initializer(tmp_path: Path) -> None:
+    src = _residual_model(tmp_path / "m.onnx")
+    model = _weights_quantized(src, 8)
+    plan = plan_activations(model, ActivationConfig(enabled=True))
+    params = {n: activation_qparams(0.0 if n != "x" else -2.0, 3.0, False) for n in plan.calibrated()}
+    insert_activation_qdq(model, plan, params)
+    qnodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert len(qnodes) == 6
+    scales = {n.inputs[0].name: n.inputs[1].name for n in qnodes}
+    assert scales["p"] == scales["f"] == scales["r2"] == "r2_act_scale"
+    zp = model.graph.initializers["x_act_zero_point"].const_value
+    assert zp is not None and zp.dtype == ir.DataType.UINT8 and int(zp.numpy()) == 102  # round(2/(5/255))
