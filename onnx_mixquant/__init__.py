@@ -9,8 +9,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from onnx_mixquant.config import (
+    ActivationConfig,
+    CalibMethod,
     ExportConfig,
     Granularity,
+    ImageLayout,
+    ImageSpec,
     QemReference,
     QuantConfig,
     QuantizerConfig,
@@ -30,20 +34,26 @@ from onnx_mixquant.errors import (
     UnsupportedModelError,
 )
 from onnx_mixquant.pipeline import quantize
-from onnx_mixquant.report import Report, WeightReport
+from onnx_mixquant.preprocess import save_preprocess_model
+from onnx_mixquant.report import ActivationReport, Report, WeightReport
 
 __all__ = [
+    "ActivationConfig",
+    "CalibMethod",
     "CalibrationError",
     "ConfigError",
     "ExportConfig",
     "ExportError",
     "Granularity",
+    "ImageLayout",
+    "ImageSpec",
     "MixQuantError",
     "ModelLoadError",
     "QemReference",
     "QuantConfig",
     "QuantizerConfig",
     "Report",
+    "ActivationReport",
     "ScaleMethod",
     "SearchConfig",
     "SearchRule",
@@ -54,4 +64,5 @@ __all__ = [
     "WeightReport",
     "__version__",
     "quantize",
+    "save_preprocess_model",
 ]

@@ -53,8 +53,12 @@ def check_fusion(
     Returns None when the model is too large to probe (over ``MAX_PROBE_BYTES``).
     """
     model = ir.load(model_path)
-    size = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
-               if v.const_value is not None)
+    size = sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None
+    )
     if size > MAX_PROBE_BYTES:
         logger.info("fusion check skipped: %d bytes of weights", size)
         return None
@@ -78,8 +82,9 @@ def _classify(targets: Sequence[str], after: Sequence[tuple[str, str]], provider
     unfused: dict[str, str] = {}
     for name in targets:
         same = [o for n, o in after if n == name]
-        kernels = [o for n, o in after if (n == name or n.startswith(name + "_"))
-                   and o.startswith(INTEGER_KERNELS)]
+        kernels = [
+            o for n, o in after if (n == name or n.startswith(name + "_")) and o.startswith(INTEGER_KERNELS)
+        ]
         if kernels:
             fused[name] = kernels[0]
         elif same:

@@ -66,11 +66,7 @@ def check_keys(where: str, inputs: Sequence[ModelInput], keys: Sequence[str]) ->
 
 
 def _is_unnamed(dim: object) -> bool:
-    return (
-        dim is None
-        or (isinstance(dim, str) and dim in _UNNAMED)
-        or (isinstance(dim, int) and dim < 0)
-    )
+    return dim is None or (isinstance(dim, str) and dim in _UNNAMED) or (isinstance(dim, int) and dim < 0)
 
 
 def check_array(
@@ -81,9 +77,7 @@ def check_array(
     if inp.dtype in _UNNAMED:
         logger.debug("%s: model gives no element type; taking %s from the file", where, dtype.name)
     elif dtype.name != inp.dtype:
-        raise CalibrationError(
-            f"{where}: expected dtype {inp.dtype}, got {dtype.name} (arrays are not cast)"
-        )
+        raise CalibrationError(f"{where}: expected dtype {inp.dtype}, got {dtype.name} (arrays are not cast)")
     if not inp.dims:
         raise CalibrationError(f"{where}: scalar model inputs cannot be split into samples along axis 0")
     if len(shape) != len(inp.dims):
@@ -296,6 +290,12 @@ def _open_path(path: Path, checker: Checker, image_spec: ImageSpec | None) -> So
     if sets:
         return Source(str(path), [_test_set_unit(s, checker) for s in sets])
     files = sorted(p for p in path.iterdir() if p.is_file())
+    known = (*ARRAY_SUFFIXES, *preprocess.IMAGE_SUFFIXES)
+    if not any(f.suffix.lower() in known for f in files):  # e.g. one sub-folder of images per class
+        nested = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES
+        )
+        files = nested or files
     return _open_files(str(path), files, checker, image_spec, listed=False)
 
 

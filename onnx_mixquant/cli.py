@@ -91,9 +91,7 @@ def _parse_triple(ctx: click.Context, param: click.Parameter, value: str | None)
     return out
 
 
-def _parse_pairs(
-    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
-) -> list[tuple[str, int]]:
+def _parse_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[tuple[str, int]]:
     out = []
     for item in value:
         name, sep, num = item.rpartition("=")
@@ -121,9 +119,7 @@ class _StageBars:
             if not self.tty:
                 click.echo(f"onnx-mixquant: {stage} ({total} steps)", err=True)
                 return
-            self.bar = click.progressbar(
-                length=total, label=f"{stage:<12}", file=sys.stderr, show_pos=True
-            )
+            self.bar = click.progressbar(length=total, label=f"{stage:<12}", file=sys.stderr, show_pos=True)
             self.bar.__enter__()
         if self.bar is not None:
             self.bar.update(done - self.bar.pos)
@@ -135,9 +131,7 @@ class _StageBars:
 
 
 def _search_config(opts: dict[str, Any]) -> SearchConfig:
-    given = [
-        k for k in ("qem", "target_bits", "target_size", "uniform_bits") if opts[k] is not None
-    ]
+    given = [k for k in ("qem", "target_bits", "target_size", "uniform_bits") if opts[k] is not None]
     if len(given) > 1:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise click.UsageError(f"choose one bit-width rule; got {flags}")
@@ -206,8 +200,15 @@ def image_spec(opts: dict[str, Any]) -> ImageSpec | None:
     given: dict[str, Any] = {}
     if opts["image_config"] is not None:
         given.update(_read_image_config(opts["image_config"]))
-    cli = {"resize": opts["image_resize"], "crop": opts["image_crop"], "layout": opts["image_layout"],
-           "bgr": opts["bgr"], "scale": opts["image_scale"], "mean": opts["mean"], "std": opts["std"]}
+    cli = {
+        "resize": opts["image_resize"],
+        "crop": opts["image_crop"],
+        "layout": opts["image_layout"],
+        "bgr": opts["bgr"],
+        "scale": opts["image_scale"],
+        "mean": opts["mean"],
+        "std": opts["std"],
+    }
     given.update({k: v for k, v in cli.items() if v is not None})
     if not given:
         return None
@@ -228,8 +229,10 @@ def _read_image_config(path: Path) -> dict[str, Any]:
         raise click.BadParameter(f"{path}: not valid JSON: {e}", param_hint="--image-config") from e
     if not isinstance(raw, dict) or set(raw) - set(IMAGE_KEYS):
         extra = sorted(set(raw) - set(IMAGE_KEYS)) if isinstance(raw, dict) else raw
-        raise click.BadParameter(f"{path}: expected an object with keys {', '.join(IMAGE_KEYS)}; "
-                                 f"unexpected: {extra}", param_hint="--image-config")
+        raise click.BadParameter(
+            f"{path}: expected an object with keys {', '.join(IMAGE_KEYS)}; unexpected: {extra}",
+            param_hint="--image-config",
+        )
     if isinstance(raw.get("crop"), int):
         raw["crop"] = (raw["crop"], raw["crop"])
     return raw
@@ -298,9 +301,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
     metavar="REGEX",
     help="Keep weights whose name or consumer node name matches in float. Repeatable.",
 )
-@click.option(
-    "--first-last-8bit", is_flag=True, help="Keep the first and last quantized layers at 8 bits."
-)
+@click.option("--first-last-8bit", is_flag=True, help="Keep the first and last quantized layers at 8 bits.")
 @click.option(
     "--symmetry",
     type=click.Choice([s.value for s in Symmetry]),
@@ -320,9 +321,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
     show_default=True,
     help="Min-max range, or the MSE search over shrunk ranges.",
 )
-@click.option(
-    "--int2", is_flag=True, help="Store 2-bit weights as INT2/UINT2 (opset 25) instead of INT4."
-)
+@click.option("--int2", is_flag=True, help="Store 2-bit weights as INT2/UINT2 (opset 25) instead of INT4.")
 @click.option(
     "--opset-upgrade/--no-opset-upgrade",
     default=True,
@@ -336,23 +335,87 @@ def _ask_dim(input_name: str, dim: str) -> int:
     help="Calibration data for 8-bit activations: a folder of .npy/.npz, one .npz, ONNX "
     "test_data_set folders, a folder of images (with --image-* options), or several files. Repeatable.",
 )
-@click.option("--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples (seeded sample).")
-@click.option("--calib-method", type=click.Choice([m.value for m in CalibMethod]), default=ActivationConfig().method.value, show_default=True, help="Activation range: min/max, percentile of the histogram, or the p-norm (MSE) search.")
-@click.option("--percentile", type=float, default=ActivationConfig().percentile, show_default=True, help="Share of values kept inside the range with --calib-method percentile.")
-@click.option("--act-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="Activation type: asymmetric uint8 or symmetric int8.")
-@click.option("--weight-only", is_flag=True, help="Keep activations float even with --calib (calibration data only validate).")
-@click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs (default: they stay float).")
-@click.option("--exclude-node", multiple=True, metavar="NAME", help="Keep this node's activations float (exact name or 're:REGEX'). Repeatable.")
-@click.option("--exclude-op-type", multiple=True, metavar="OP", help="Keep activations of every node of this op type float. Repeatable.")
-@click.option("--image-config", type=click.Path(path_type=Path, dir_okay=False), help="JSON file with image preprocessing: resize, crop, layout, bgr, scale, mean, std.")
-@click.option("--image-resize", type=click.IntRange(min=1), help="Resize images so the short side has N pixels.")
-@click.option("--image-crop", callback=_parse_hw, metavar="H[xW]", help="Centre crop to H x W pixels (or H x H).")
-@click.option("--image-layout", type=click.Choice([m.value for m in ImageLayout]), help="Layout the model expects  [default: NCHW].")
+@click.option(
+    "--calib-size", type=click.IntRange(min=1), help="Use at most N calibration samples (seeded sample)."
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice([m.value for m in CalibMethod]),
+    default=ActivationConfig().method.value,
+    show_default=True,
+    help="Activation range: min/max, percentile of the histogram, or the p-norm (MSE) search.",
+)
+@click.option(
+    "--percentile",
+    type=float,
+    default=ActivationConfig().percentile,
+    show_default=True,
+    help="Share of values kept inside the range with --calib-method percentile.",
+)
+@click.option(
+    "--act-type",
+    type=click.Choice(["uint8", "int8"]),
+    default="uint8",
+    show_default=True,
+    help="Activation type: asymmetric uint8 or symmetric int8.",
+)
+@click.option(
+    "--weight-only",
+    is_flag=True,
+    help="Keep activations float even with --calib (calibration data only validate).",
+)
+@click.option(
+    "--quantize-outputs", is_flag=True, help="Also quantize graph outputs (default: they stay float)."
+)
+@click.option(
+    "--exclude-node",
+    multiple=True,
+    metavar="NAME",
+    help="Keep this node's activations float (exact name or 're:REGEX'). Repeatable.",
+)
+@click.option(
+    "--exclude-op-type",
+    multiple=True,
+    metavar="OP",
+    help="Keep activations of every node of this op type float. Repeatable.",
+)
+@click.option(
+    "--image-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="JSON file with image preprocessing: resize, crop, layout, bgr, scale, mean, std.",
+)
+@click.option(
+    "--image-resize", type=click.IntRange(min=1), help="Resize images so the short side has N pixels."
+)
+@click.option(
+    "--image-crop", callback=_parse_hw, metavar="H[xW]", help="Centre crop to H x W pixels (or H x H)."
+)
+@click.option(
+    "--image-layout",
+    type=click.Choice([m.value for m in ImageLayout]),
+    help="Layout the model expects  [default: NCHW].",
+)
 @click.option("--bgr", is_flag=True, default=None, help="Feed BGR instead of RGB.")
-@click.option("--image-scale", type=float, help="Multiply pixel values (0..255) by this first  [default: 1/255].")
-@click.option("--mean", callback=_parse_triple, metavar="R,G,B", help="Subtract per channel after scaling  [default: 0,0,0].")
-@click.option("--std", callback=_parse_triple, metavar="R,G,B", help="Divide per channel after the mean  [default: 1,1,1].")
-@click.option("--save-preprocess", type=click.Path(path_type=Path, dir_okay=False), help="Also write the image preprocessing graph (ONNX) here.")
+@click.option(
+    "--image-scale", type=float, help="Multiply pixel values (0..255) by this first  [default: 1/255]."
+)
+@click.option(
+    "--mean",
+    callback=_parse_triple,
+    metavar="R,G,B",
+    help="Subtract per channel after scaling  [default: 0,0,0].",
+)
+@click.option(
+    "--std",
+    callback=_parse_triple,
+    metavar="R,G,B",
+    help="Divide per channel after the mean  [default: 1,1,1].",
+)
+@click.option(
+    "--save-preprocess",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the image preprocessing graph (ONNX) here.",
+)
 @click.option(
     "--samples",
     type=click.Path(path_type=Path),
@@ -463,9 +526,7 @@ def main(
         try:
             write_json(report, report_path)
         except OSError as e:
-            raise click.ClickException(
-                f"{report_path}: cannot write the report: {e.strerror}"
-            ) from e
+            raise click.ClickException(f"{report_path}: cannot write the report: {e.strerror}") from e
     text = format_text(report)
     if as_json:
         click.echo(text, err=True)

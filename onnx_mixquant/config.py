@@ -82,9 +82,7 @@ class QemReference(enum.Enum):
 
 def _check_bits(bits: int, what: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(
-            f"{what}: bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}"
-        )
+        raise ConfigError(f"{what}: bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
 
 
 @dataclass(frozen=True)
@@ -106,9 +104,7 @@ class WeightOverride:
             try:
                 re.compile(self.pattern[3:])
             except re.error as e:
-                raise ConfigError(
-                    f"override {self.pattern!r}: invalid regular expression: {e}"
-                ) from e
+                raise ConfigError(f"override {self.pattern!r}: invalid regular expression: {e}") from e
 
     def matches(self, names: tuple[str, ...]) -> bool:
         """True when the pattern matches any of ``names`` (a weight name and its consumers' names)."""
@@ -164,9 +160,7 @@ class SearchConfig:
             if self.target_bits is not None and not (
                 math.isfinite(self.target_bits) and MIN_BITS <= self.target_bits <= MAX_BITS
             ):
-                raise ConfigError(
-                    f"target bits must be in {MIN_BITS}..{MAX_BITS}, got {self.target_bits!r}"
-                )
+                raise ConfigError(f"target bits must be in {MIN_BITS}..{MAX_BITS}, got {self.target_bits!r}")
             if self.target_bytes is not None and self.target_bytes <= 0:
                 raise ConfigError(f"target bytes must be positive, got {self.target_bytes!r}")
 

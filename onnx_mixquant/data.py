@@ -85,16 +85,12 @@ def load_samples(
     return Samples(feeds=feeds, labels=None if labels is None else labels[:keep], source=str(path))
 
 
-def _read(
-    path: Path, inputs: Sequence[ModelInput]
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _read(path: Path, inputs: Sequence[ModelInput]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Arrays by input name and the labels (or None); checks the keys, nothing else."""
     if not path.exists():
         raise CalibrationError(f"sample file {str(path)!r} not found")
     if path.is_dir():
-        raise CalibrationError(
-            f"sample file {str(path)!r} is a directory; expected a .npz or .npy file"
-        )
+        raise CalibrationError(f"sample file {str(path)!r} is a directory; expected a .npz or .npy file")
     try:
         # Open the file here: np.load(path) leaks its handle when a truncated zip fails to open.
         with open(path, "rb") as f:
@@ -118,9 +114,7 @@ def _from_npz(
     return arrays, labels
 
 
-def _single_input(
-    path: Path, inputs: Sequence[ModelInput], array: np.ndarray
-) -> dict[str, np.ndarray]:
+def _single_input(path: Path, inputs: Sequence[ModelInput], array: np.ndarray) -> dict[str, np.ndarray]:
     """A .npy file's one array, for a single-input model."""
     return {_sources.npy_key(path, inputs): array}
 
@@ -149,9 +143,7 @@ def _check_labels(path: Path, labels: np.ndarray | None, count: int) -> np.ndarr
 
 def _fixed_size(where: str, inputs: Sequence[ModelInput]) -> int | None:
     """The batch size the model fixes on axis 0 (None: not fixed); every input must agree."""
-    fixed = {
-        inp.name: inp.dims[0] for inp in inputs if isinstance(inp.dims[0], int) and inp.dims[0] >= 0
-    }
+    fixed = {inp.name: inp.dims[0] for inp in inputs if isinstance(inp.dims[0], int) and inp.dims[0] >= 0}
     if not fixed:
         return None
     sizes = set(fixed.values())
@@ -237,8 +229,13 @@ class CalibrationData:
     """
 
     def __init__(
-        self, source: _sources.Source, checker: _sources.Checker, *, batch_size: int,
-        calib_size: int | None, seed: int,
+        self,
+        source: _sources.Source,
+        checker: _sources.Checker,
+        *,
+        batch_size: int,
+        calib_size: int | None,
+        seed: int,
     ) -> None:
         self._source = source
         self._checker = checker
@@ -256,8 +253,15 @@ class CalibrationData:
         fixed = _fixed_batch(self.source, checker.inputs, self.num_samples)
         self.batch_size = fixed or batch_size
         self.num_batches = -(-self.num_samples // self.batch_size)
-        logger.info("%s: %d samples in %d units, using %d in %d batches of %d", self.source, total,
-                    len(counts), self.num_samples, self.num_batches, self.batch_size)
+        logger.info(
+            "%s: %d samples in %d units, using %d in %d batches of %d",
+            self.source,
+            total,
+            len(counts),
+            self.num_samples,
+            self.num_batches,
+            self.batch_size,
+        )
 
     def batches(self) -> Iterator[Feed]:
         """All batches, loading one file (or item) at a time; the same data in the same order

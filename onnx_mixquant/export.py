@@ -75,13 +75,9 @@ def storage_for(bits: int, signed: bool, *, use_int2: bool, per_channel: bool) -
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     if bits == 2 and use_int2:
-        return Storage(
-            ir.DataType.INT2 if signed else ir.DataType.UINT2, np.int8 if signed else np.uint8, 25
-        )
+        return Storage(ir.DataType.INT2 if signed else ir.DataType.UINT2, np.int8 if signed else np.uint8, 25)
     if bits <= 4:
-        return Storage(
-            ir.DataType.INT4 if signed else ir.DataType.UINT4, np.int8 if signed else np.uint8, 21
-        )
+        return Storage(ir.DataType.INT4 if signed else ir.DataType.UINT4, np.int8 if signed else np.uint8, 21)
     return Storage(
         ir.DataType.INT8 if signed else ir.DataType.UINT8,
         np.int8 if signed else np.uint8,
@@ -183,9 +179,7 @@ def insert_qdq(
         st = _storage(w, cfg)
         _replace_weight(values[name], w, st)
         storage[name] = st.dtype.name
-    return model, ExportResult(
-        storage=storage, opset_before=before, opset_after=max(before, needed)
-    )
+    return model, ExportResult(storage=storage, opset_before=before, opset_after=max(before, needed))
 
 
 def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
@@ -202,10 +196,7 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
     if producer is not None:  # a Constant node: emit Constant nodes where it stood
         graph = producer.graph
         assert graph is not None
-        consts = [
-            ir.node("Constant", [], {"value": t}, name=f"{t.name}_Constant")
-            for t in (q_t, s_t, z_t)
-        ]
+        consts = [ir.node("Constant", [], {"value": t}, name=f"{t.name}_Constant") for t in (q_t, s_t, z_t)]
         for c, t in zip(consts, (q_t, s_t, z_t), strict=True):
             c.outputs[0].name = t.name
         inputs = [c.outputs[0] for c in consts]
@@ -276,9 +267,7 @@ def check_destination(out_path: Path, input_path: Path) -> Path:
     """Resolve ``out_path`` and refuse the input file itself, a directory or an unwritable folder."""
     out = Path(out_path).expanduser().absolute()
     src = Path(input_path).expanduser().absolute()
-    if out.resolve() == src.resolve() or (
-        out.exists() and src.exists() and os.path.samefile(out, src)
-    ):
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
         raise ExportError(f"{out}: output path is the input model; refusing to overwrite it")
     if out.is_dir():
         raise ExportError(f"{out}: output path is a directory")
@@ -298,9 +287,7 @@ def _tensor_bytes(model: ir.Model) -> int:
     return total
 
 
-def stage_model(
-    model: ir.Model, out_path: Path, input_path: Path, cfg: ExportConfig
-) -> StagedModel:
+def stage_model(model: ir.Model, out_path: Path, input_path: Path, cfg: ExportConfig) -> StagedModel:
     """Save ``model`` into a temporary folder next to ``out_path`` (external data when large).
 
     Raises:
@@ -324,6 +311,4 @@ def stage_model(
         raise ExportError(f"{out}: cannot write: {e.strerror}") from e
     data_path = tmpdir / data_name if data_name is not None else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
-    return StagedModel(
-        path=path, destination=out, external_data=data_path, file_bytes=size, _tmpdir=tmpdir
-    )
+    return StagedModel(path=path, destination=out, external_data=data_path, file_bytes=size, _tmpdir=tmpdir)

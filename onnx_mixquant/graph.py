@@ -379,9 +379,7 @@ def _classify(c: _Candidate, scan: _Scan) -> tuple[WeightSite | SkippedWeight, i
     return _site(c, weights, [node for node, _ in uses], scan), scan.order[weights[0][0]]
 
 
-def _weight_uses(
-    c: _Candidate, uses: list[_Use], scan: _Scan
-) -> tuple[list[tuple[ir.Node, int]], str]:
+def _weight_uses(c: _Candidate, uses: list[_Use], scan: _Scan) -> tuple[list[tuple[ir.Node, int]], str]:
     """The (node, axis) pairs reading ``c`` as a weight, and the reason to skip it ("" if none)."""
     weights: list[tuple[ir.Node, int]] = []
     notes: list[str] = []

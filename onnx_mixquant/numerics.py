@@ -328,9 +328,7 @@ def _choose_rows(
     if method is not ScaleMethod.MSE:
         raise ValueError(f"unknown scale method {method!r}")
     if not (np.isfinite(p) and p > 0) or not 1 <= steps <= 100:
-        raise ValueError(
-            f"MSE search needs p > 0 and steps in 1..100, got p={p!r}, steps={steps!r}"
-        )
+        raise ValueError(f"MSE search needs p > 0 and steps in 1..100, got p={p!r}, steps={steps!r}")
     return [_search_mse(x, rmin, rmax, b, symmetric, p, steps) for b in bits]
 
 

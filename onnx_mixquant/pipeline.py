@@ -156,7 +156,10 @@ def _quantize_weights(
     axes = {s.name: s.axis for s in read.sites}
     with _timed(timings, "error_table"):
         table = search.build_error_table(
-            weights, axes, cfg.quantizer, cfg.search.candidate_bits,
+            weights,
+            axes,
+            cfg.quantizer,
+            cfg.search.candidate_bits,
             _stage_progress(progress, "error table"),
         )
     with _timed(timings, "search"):
@@ -177,49 +180,79 @@ def _open_calibration(
         return None
     if calib is None:
         raise ConfigError("activation quantization needs calibration data (--calib PATH)")
-    return data.open_calibration(calib, read.inputs, calib_size=act.calib_size, seed=cfg.seed,
-                                 batch_size=act.batch_size, image_spec=image_spec)
+    return data.open_calibration(
+        calib,
+        read.inputs,
+        calib_size=act.calib_size,
+        seed=cfg.seed,
+        batch_size=act.batch_size,
+        image_spec=image_spec,
+    )
 
 
 def _quantize_activations(
-    model: Any, calib: data.CalibrationData, cfg: QuantConfig, timings: dict[str, float],
+    model: Any,
+    calib: data.CalibrationData,
+    cfg: QuantConfig,
+    timings: dict[str, float],
     progress: Progress | None,
 ) -> ActivationReport:
     """Plan activation tensors, calibrate their ranges on ``calib``, insert their Q/DQ (in place)."""
     act = cfg.activations
     aplan = activations.plan_activations(model, act)
     with _timed(timings, "calibrate"):
-        result = calibrate.collect_ranges(model, aplan.calibrated(), calib.batches(), act,
-                                          _stage_progress(progress, "calibrate"), calib.num_batches)
-    params = {n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric)
-              for n, r in result.ranges.items()}
+        result = calibrate.collect_ranges(
+            model,
+            aplan.calibrated(),
+            calib.batches(),
+            act,
+            _stage_progress(progress, "calibrate"),
+            calib.num_batches,
+        )
+    params = {
+        n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in result.ranges.items()
+    }
     activations.insert_activation_qdq(model, aplan, params)
+    activations.quantize_gemm_biases(model)
     compute = _compute_readers(model, aplan)
     return ActivationReport(
-        method=act.method.value, dtype="INT8" if act.symmetric else "UINT8",
-        calib_source=calib.source, num_samples=result.num_samples, provider=result.provider,
+        method=act.method.value,
+        dtype="INT8" if act.symmetric else "UINT8",
+        calib_source=calib.source,
+        num_samples=result.num_samples,
+        provider=result.provider,
         tensors=tuple(
-            ActivationTensor(name=s.name, shared_with=s.shared_with,
-                             rmin=float(result.ranges[s.shared_with or s.name].rmin),
-                             rmax=float(result.ranges[s.shared_with or s.name].rmax),
-                             scale=float(params[s.shared_with or s.name].scale),
-                             zero_point=int(params[s.shared_with or s.name].zero_point))
-            for s in aplan.sites),
-        skipped=aplan.skipped, compute_nodes=compute, fusion=None,
+            ActivationTensor(
+                name=s.name,
+                shared_with=s.shared_with,
+                rmin=float(result.ranges[s.shared_with or s.name].rmin),
+                rmax=float(result.ranges[s.shared_with or s.name].rmax),
+                scale=float(params[s.shared_with or s.name].scale),
+                zero_point=int(params[s.shared_with or s.name].zero_point),
+            )
+            for s in aplan.sites
+        ),
+        skipped=aplan.skipped,
+        compute_nodes=compute,
+        fusion=None,
     )
 
 
 def _compute_readers(model: Any, aplan: activations.ActivationPlan) -> tuple[str, ...]:
     """Conv/ConvTranspose/Gemm/MatMul nodes that read a quantized activation (fusion targets)."""
     ops = {name: node.op_type for node, name in graph.node_names(model).items()}
-    found = {r for s in aplan.sites for r in s.readers
-             if ops.get(r) in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    found = {
+        r for s in aplan.sites for r in s.readers if ops.get(r) in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    }
     return tuple(n for n in ops if n in found)
 
 
 def _samples(
-    read: graph.ReadModel, cfg: QuantConfig, samples_path: str | Path | None,
-    calib: data.CalibrationData | None, ask_dim: AskDim | None,
+    read: graph.ReadModel,
+    cfg: QuantConfig,
+    samples_path: str | Path | None,
+    calib: data.CalibrationData | None,
+    ask_dim: AskDim | None,
 ) -> validate.Samples:
     """Validation inputs: the samples file, else calibration data, else random of resolved shapes."""
     if samples_path is not None:
@@ -287,36 +320,53 @@ def _weight_reports(
 
 
 def _warnings(
-    read: graph.ReadModel, plan: search.BitPlan, exported: export.ExportResult,
+    read: graph.ReadModel,
+    plan: search.BitPlan,
+    exported: export.ExportResult,
     acts: ActivationReport | None,
 ) -> tuple[str, ...]:
     """The known onnxruntime traps (DESIGN.md) that apply to this model, and other notes."""
     out = []
     if exported.opset_after != exported.opset_before:
-        out.append(f"opset converted from {exported.opset_before} to {exported.opset_after} "
-                   f"for the integer types used")
+        out.append(
+            f"opset converted from {exported.opset_before} to {exported.opset_after} "
+            f"for the integer types used"
+        )
     if any(s.axis is None for s in read.sites):
         out.append("weights shared by consumers with different channel axes are quantized per tensor")
     bits = {s.name: plan.bits[s.name] for s in read.sites}
     convs = [s for s in read.sites if bits[s.name] is not None and any("Conv" in o for o in s.op_types)]
     if acts is None and convs:
-        out.append("weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
-                   "(the file shrinks; inference is not faster)")
+        out.append(
+            "weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
+            "(the file shrinks; inference is not faster)"
+        )
     narrow = [s for s in convs if (bits[s.name] or 9) <= 4]
     if acts is not None and narrow:
-        out.append(f"{len(narrow)} Conv weights have 4 bits or fewer: onnxruntime does not fuse them "
-                   f"into QLinearConv (they run as DequantizeLinear + float Conv, slower than 8-bit)")
+        out.append(
+            f"{len(narrow)} Conv weights have 4 bits or fewer: onnxruntime does not fuse them "
+            f"into QLinearConv (they run as DequantizeLinear + float Conv, slower than 8-bit)"
+        )
     if acts is not None and acts.fusion is not None and acts.fusion.unfused:
         shown = ", ".join(list(acts.fusion.unfused)[:5])
-        out.append(f"{len(acts.fusion.unfused)} quantized nodes run in float in onnxruntime: {shown}"
-                   + (" ..." if len(acts.fusion.unfused) > 5 else ""))
-    if acts is not None and exported.storage and any(
-            exported.storage.get(s.name) in ("INT2", "UINT2") for s in convs):
-        out.append("2-bit Conv weights stored as INT2 with 8-bit activation Q/DQ fail to load in "
-                   "onnxruntime at ORT_ENABLE_EXTENDED/ALL; store them as INT4 (drop --int2)")
+        out.append(
+            f"{len(acts.fusion.unfused)} quantized nodes run in float in onnxruntime: {shown}"
+            + (" ..." if len(acts.fusion.unfused) > 5 else "")
+        )
+    if (
+        acts is not None
+        and exported.storage
+        and any(exported.storage.get(s.name) in ("INT2", "UINT2") for s in convs)
+    ):
+        out.append(
+            "2-bit Conv weights stored as INT2 with 8-bit activation Q/DQ fail to load in "
+            "onnxruntime at ORT_ENABLE_EXTENDED/ALL; store them as INT4 (drop --int2)"
+        )
     if any(op == "MatMul" for s in read.sites if (bits[s.name] or 9) <= 4 for op in s.op_types):
-        out.append("at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
-                   "whose outputs differ slightly (compare the two validation rows)")
+        out.append(
+            "at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
+            "whose outputs differ slightly (compare the two validation rows)"
+        )
     if {b for b in bits.values() if b is not None} & {3, 5, 6, 7}:
         out.append("widths 3, 5, 6 and 7 are stored in the next wider ONNX type (INT4/INT8)")
     return tuple(out)

@@ -159,9 +159,7 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
         key = "float" if w.bits is None else f"{w.bits}b"
         hist[key] = hist.get(key, 0) + 1
     lines.append("widths: " + ", ".join(f"{k} x{v}" for k, v in sorted(hist.items())))
-    quant = sorted(
-        (w for w in report.weights if w.sqnr_db is not None), key=lambda w: w.sqnr_db or 0.0
-    )
+    quant = sorted((w for w in report.weights if w.sqnr_db is not None), key=lambda w: w.sqnr_db or 0.0)
     if quant:
         lines.append(f"{'weight':<40} {'shape':<18} {'bits':>4} {'storage':<7} {'SQNR dB':>8}")
         for w in quant[:max_weights]:
@@ -190,23 +188,25 @@ def _validation_lines(v: ValidationResult | None) -> list[str]:
                 f" max |err| {o.max_abs_error:.3g}{agree}"
             )
         if run.top1_fp is not None and run.top1_quant is not None:
-            out.append(
-                f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}"
-            )
+            out.append(f"  {'':<24} {'':<15} top-1 accuracy {run.top1_fp:.2%} -> {run.top1_quant:.2%}")
     return out
 
 
 def _activation_lines(a: ActivationReport | None) -> list[str]:
     if a is None:
         return ["activations: float (weight-only; give --calib for 8-bit activations)"]
-    out = [f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
-           f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"]
+    out = [
+        f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
+        f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"
+    ]
     if a.fusion is not None:
         kinds: dict[str, int] = {}
         for k in a.fusion.fused.values():
             kinds[k] = kinds.get(k, 0) + 1
         fused = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"
-        out.append(f"onnxruntime ({a.fusion.provider}, ORT_ENABLE_ALL): {len(a.fusion.fused)} of "
-                   f"{len(a.compute_nodes)} quantized Conv/Gemm/MatMul fused ({fused}); "
-                   f"{len(a.fusion.unfused)} run in float")
+        out.append(
+            f"onnxruntime ({a.fusion.provider}, ORT_ENABLE_ALL): {len(a.fusion.fused)} of "
+            f"{len(a.compute_nodes)} quantized Conv/Gemm/MatMul fused ({fused}); "
+            f"{len(a.fusion.unfused)} run in float"
+        )
     return out

@@ -204,9 +204,7 @@ def search_bitwidths(
     return BitPlan(bits=bits, reasons=reasons, rule=cfg.rule, average_bits=avg, storage_bits=stored)
 
 
-def _averages(
-    table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool
-) -> tuple[float, float]:
+def _averages(table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool) -> tuple[float, float]:
     n = tot = stored = 0.0
     for name, size in zip(table.names, table.sizes, strict=True):
         b = bits[name]
@@ -273,9 +271,7 @@ def _budget_rule(
         lo = cost[idx].min(axis=1).sum() + fixed_cost
         what = f"{cfg.target_bytes} bytes" if by_bytes else f"{cfg.target_bits:g} average bits"
         need = f"{lo:.0f} bytes" if by_bytes else f"{lo / max(quant_params, 1):.3f} average bits"
-        raise ConfigError(
-            f"budget of {what} cannot be met: the smallest possible plan needs {need}"
-        )
+        raise ConfigError(f"budget of {what} cannot be met: the smallest possible plan needs {need}")
     return {table.names[i]: table.bits[c] for i, c in zip(idx, choice, strict=True)}
 
 
@@ -310,9 +306,7 @@ def _allocate(err: np.ndarray, cost: np.ndarray, budget: float) -> np.ndarray | 
     return _greedy_fill(err, cost, best.copy(), budget)
 
 
-def _greedy_fill(
-    err: np.ndarray, cost: np.ndarray, choice: np.ndarray, budget: float
-) -> np.ndarray:
+def _greedy_fill(err: np.ndarray, cost: np.ndarray, choice: np.ndarray, budget: float) -> np.ndarray:
     """Spend what is left of the budget on the upgrades with the best error drop per cost."""
     rows = np.arange(err.shape[0])
     spent = cost[rows, choice].sum()

@@ -113,9 +113,7 @@ def _is_unnamed(dim: object) -> bool:
     return dim is None or dim in _UNNAMED or (isinstance(dim, int) and dim < 0)
 
 
-def resolve_dims(
-    inputs: Sequence[ModelInput], dims: Mapping[str, int] | None
-) -> dict[str, tuple[int, ...]]:
+def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -> dict[str, tuple[int, ...]]:
     """Concrete shape per input; symbolic dims from ``dims`` by dim name. Raises ConfigError listing
     every unresolved symbolic dim (input name, position, dim name) when one is missing."""
     dims = dict(dims or {})
@@ -181,9 +179,7 @@ def random_samples(
         if name not in shapes:
             raise ConfigError(f"input {name!r}: no resolved shape")
     rng = np.random.default_rng(seed)
-    feeds = tuple(
-        {n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()} for _ in range(num)
-    )
+    feeds = tuple({n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()} for _ in range(num))
     return Samples(feeds=feeds, labels=None, source=f"random (seed {seed})")
 
 
@@ -279,9 +275,7 @@ def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Re
     try:
         sess = _open(fp_path, _CPU, "ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except Exception as e:
-        raise ModelLoadError(
-            f"onnxruntime cannot open the FP model {fp_path}: {_first_line(e)}"
-        ) from e
+        raise ModelLoadError(f"onnxruntime cannot open the FP model {fp_path}: {_first_line(e)}") from e
     ref = _Reference(names=_tensor_output_names(sess, fp_path))
     ref.energy = [0.0] * len(ref.names)
     for i, feed in enumerate(samples.feeds):
@@ -311,8 +305,7 @@ def _check_labels(labels: np.ndarray | None, ref: _Reference) -> np.ndarray | No
     rows = sum(b[ref.classifier].shape[0] for b in ref.batches)
     if labels.shape[0] != rows:
         raise CalibrationError(
-            f"{labels.shape[0]} labels for {rows} samples "
-            f"(rows of output {ref.names[ref.classifier]!r})"
+            f"{labels.shape[0]} labels for {rows} samples (rows of output {ref.names[ref.classifier]!r})"
         )
     return labels
 
@@ -368,14 +361,10 @@ def _run_quant(
         try:
             outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
         except Exception as e:
-            raise ExportError(
-                f"onnxruntime failed on batch {i} of {where}: {_first_line(e)}"
-            ) from e
+            raise ExportError(f"onnxruntime failed on batch {i} of {where}: {_first_line(e)}") from e
         for name, acc, fp, q in zip(ref.names, accs, fp_outs, outs, strict=True):
             if fp.shape != q.shape:
-                raise ExportError(
-                    f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}"
-                )
+                raise ExportError(f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}")
             acc.add(fp, q)
         if ref.classifier is not None:
             predictions.append(np.argmax(outs[ref.classifier], axis=-1))

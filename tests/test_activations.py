@@ -12,7 +12,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant.activations import activation_qparams, insert_activation_qdq, plan_activations
+from onnx_mixquant.activations import (
+    activation_qparams,
+    insert_activation_qdq,
+    plan_activations,
+    quantize_gemm_biases,
+)
 from onnx_mixquant.config import ActivationConfig, ExportConfig, QuantizerConfig
 from onnx_mixquant.export import insert_qdq
 from onnx_mixquant.graph import read_model, weight_array, weight_values
@@ -38,8 +43,13 @@ def _residual_model(path: Path, seed: int = 0) -> Path:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wg"], ["y"], name="gemm", transB=1),
     ]
-    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])], initializer=inits)
+    g = helper.make_graph(
+        nodes,
+        "res",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
+        initializer=inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, path)
@@ -50,7 +60,9 @@ def _weights_quantized(path: Path, bits: int) -> ir.Model:
     read = read_model(path)
     values = weight_values(read.model)
     weights = {s.name: weight_array(values[s.name]) for s in read.sites}
-    qw = round_nearest(weights, {s.name: s.axis for s in read.sites}, dict.fromkeys(weights, bits), QuantizerConfig())
+    qw = round_nearest(
+        weights, {s.name: s.axis for s in read.sites}, dict.fromkeys(weights, bits), QuantizerConfig()
+    )
     model, _ = insert_qdq(read.model, qw, ExportConfig())
     return model
 
@@ -62,7 +74,8 @@ def _ranges(path: Path, names: tuple[str, ...], x: np.ndarray) -> dict[str, tupl
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     outs = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-        list(names), {"x": x})
+        list(names), {"x": x}
+    )
     return {n: (float(o.min()), float(o.max())) for n, o in zip(names, outs, strict=True)}
 
 
@@ -80,8 +93,9 @@ def test_plan_follows_onnxruntime_qdq_convention(tmp_path: Path) -> None:
 
 def test_exclusions(tmp_path: Path) -> None:
     model = _weights_quantized(_residual_model(tmp_path / "m.onnx"), 8)
-    plan = plan_activations(model, ActivationConfig(enabled=True, exclude_op_types=("Add",),
-                                                    exclude_nodes=("re:^gemm$",)))
+    plan = plan_activations(
+        model, ActivationConfig(enabled=True, exclude_op_types=("Add",), exclude_nodes=("re:^gemm$",))
+    )
     by = {s.name: s for s in plan.sites}
     assert "c2" not in by and ("c2", "read only by excluded nodes") in plan.skipped
     assert by["r1"].readers == ("conv2",)
@@ -96,7 +110,9 @@ def test_insert_runs_close_to_float_and_fuses_8_bit(tmp_path: Path, bits: int, f
     model = _weights_quantized(src, bits)
     plan = plan_activations(model, ActivationConfig(enabled=True))
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
-    params = {n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()}
+    params = {
+        n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()
+    }
     assert insert_activation_qdq(model, plan, params) == 6
     out = tmp_path / "q.onnx"
     ir.save(model, out)
@@ -129,3 +145,33 @@ def test_shared_parameters_are_one_initializer(tmp_path: Path) -> None:
     assert scales["p"] == scales["f"] == scales["r2"] == "r2_act_scale"
     zp = model.graph.initializers["x_act_zero_point"].const_value
     assert zp is not None and zp.dtype == ir.DataType.UINT8 and int(zp.numpy()) == 102  # round(2/(5/255))
+
+
+def test_gemm_bias_becomes_int32_so_qgemm_fuses(tmp_path: Path) -> None:
+    src = _residual_model(tmp_path / "m.onnx")
+    m = onnx.load(src)
+    m.graph.initializer.append(numpy_helper.from_array(np.linspace(-1, 1, 10).astype(np.float32), "bg"))
+    m.graph.node[-1].input.append("bg")
+    onnx.save(m, src)
+    model = _weights_quantized(src, 8)
+    plan = plan_activations(model, ActivationConfig(enabled=True))
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    params = {
+        n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()
+    }
+    insert_activation_qdq(model, plan, params)
+    out = tmp_path / "q.onnx"
+    ir.save(model, out)
+    before = check_fusion(out, ["gemm"])
+    assert before is not None and "gemm" in before.unfused  # float bias: no QGemm
+    assert quantize_gemm_biases(model) == 1
+    bias = model.graph.initializers["bg_quantized"].const_value
+    assert bias is not None and bias.dtype == ir.DataType.INT32
+    ir.save(model, out)
+    after = check_fusion(out, ["gemm"])
+    assert after is not None and after.fused == {"gemm": "QGemm"}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 25

@@ -340,8 +340,11 @@ def test_image_folder_errors(fake_images: Path) -> None:
     (fake_images / "b.png").write_bytes(b"image")
     (fake_images / "big.png").write_bytes(b"image")
     with pytest.raises(CalibrationError, match="big.png: input 'img': sample shape .* differs .*a.JPG"):
-        list(open_calibration(fake_images, [ModelInput("img", "float32", ("N", 3, "H", 2))],
-                              image_spec=ImageSpec()).batches())
+        list(
+            open_calibration(
+                fake_images, [ModelInput("img", "float32", ("N", 3, "H", 2))], image_spec=ImageSpec()
+            ).batches()
+        )
     with pytest.raises(CalibrationError, match="big.png: input 'img': dim 2 must be 2, got 3"):
         list(open_calibration(fake_images, [IMG], batch_size=1, image_spec=ImageSpec()).batches())
     np.save(fake_images / "x.npy", np.zeros((3, 2, 2), np.float32))

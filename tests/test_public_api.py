@@ -5,6 +5,12 @@ from __future__ import annotations
 import onnx_mixquant
 
 EXPECTED = {
+    "ActivationConfig",
+    "ActivationReport",
+    "CalibMethod",
+    "ImageLayout",
+    "ImageSpec",
+    "save_preprocess_model",
     "CalibrationError",
     "ConfigError",
     "ExportConfig",

@@ -67,8 +67,15 @@ MODELS: dict[str, str] = {
     "efficientnet_lite0": "imagenet",
 }
 METHODS: tuple[str, ...] = (
-    "fp32", "uniform-w8", "uniform-w4", "uniform-w3", "mixquant-w4", "mixquant-w3",
-    "mixquant-size-w4", "qem-layer", "qem-model",
+    "fp32",
+    "uniform-w8",
+    "uniform-w4",
+    "uniform-w3",
+    "mixquant-w4",
+    "mixquant-w3",
+    "mixquant-size-w4",
+    "qem-layer",
+    "qem-model",
 )
 QUICK_MODELS, QUICK_METHODS, QUICK_LIMIT = ("resnet20_cifar10",), ("fp32", "uniform-w4", "mixquant-w4"), 1000
 
@@ -113,23 +120,31 @@ class Result:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line and fill in the --quick defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", help=f"comma list (default: {','.join(MODELS)})")
     p.add_argument("--methods", help=f"comma list (default: all of {','.join(METHODS)})")
     p.add_argument("--qem", default="300", help="comma list of QEM values for qem-model (default 300)")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_MODELS[0]}, {QUICK_LIMIT} images, methods {','.join(QUICK_METHODS)}; "
-                        "writes files only when --out/--json are given")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_MODELS[0]}, {QUICK_LIMIT} images, methods {','.join(QUICK_METHODS)}; "
+        "writes files only when --out/--json are given",
+    )
     p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
     p.add_argument("--out", type=Path, help="markdown file (default: BENCHMARKS.md at the repo root)")
     p.add_argument("--json", type=Path, help="raw results (default: benchmarks/results.json beside --out)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    p.add_argument("--ort-level", choices=sorted(bd.ORT_LEVELS), default="all",
-                   help="onnxruntime graph optimisation level of the eval sessions (default all)")
+    p.add_argument(
+        "--ort-level",
+        choices=sorted(bd.ORT_LEVELS),
+        default="all",
+        help="onnxruntime graph optimisation level of the eval sessions (default all)",
+    )
     args = p.parse_args(argv)
     _fill_defaults(p, args)
     return args
@@ -165,8 +180,10 @@ def _check_bench_dir(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Fail with a clear message when the benchmark folder or a needed file is missing."""
     bench: Path = args.bench_dir
     if not bench.is_dir():
-        p.error(f"benchmark folder {bench} not found: it holds the models and images "
-                "(see shared/bench/README.md); pass its location with --bench-dir")
+        p.error(
+            f"benchmark folder {bench} not found: it holds the models and images "
+            "(see shared/bench/README.md); pass its location with --bench-dir"
+        )
     needed = [bench / "models" / f"{m}.onnx" for m in args.models]
     needed += [bench / "data" / MODELS[m] / "eval.csv" for m in args.models]
     missing = [str(f) for f in needed if not f.is_file()]
@@ -204,16 +221,17 @@ def build_config(job: Job, w4_bytes: int | None) -> QuantConfig:
         assert w4_bytes is not None
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=None, target_bytes=w4_bytes)
     elif m == "qem-layer":
-        search = SearchConfig(rule=SearchRule.QEM, qem=300.0, target_bits=None,
-                              qem_reference=QemReference.LAYER)
+        search = SearchConfig(
+            rule=SearchRule.QEM, qem=300.0, target_bits=None, qem_reference=QemReference.LAYER
+        )
     elif m == "qem-model":
         assert job.qem is not None
-        search = SearchConfig(rule=SearchRule.QEM, qem=job.qem, target_bits=None,
-                              qem_reference=QemReference.MODEL)
+        search = SearchConfig(
+            rule=SearchRule.QEM, qem=job.qem, target_bits=None, qem_reference=QemReference.MODEL
+        )
     else:
         raise ValueError(f"no quantization config for method {m!r}")
-    return QuantConfig(quantizer=QuantizerConfig(), search=search,
-                       validate=ValidateConfig(enabled=False))
+    return QuantConfig(quantizer=QuantizerConfig(), search=search, validate=ValidateConfig(enabled=False))
 
 
 def w4_bytes_of(report: Report) -> int:
@@ -270,16 +288,24 @@ def run_fp32(run: ModelRun, args: argparse.Namespace) -> Result:
     bd.log(f"[{run.name} fp32] evaluating")
     acc, secs = evaluate(run.fp32_path, run, f"{run.name} fp32", args)
     size = run.fp32_path.stat().st_size
-    return Result(run.name, "fp32", top1=acc, drop_pts=0.0, average_bits=32.0, storage_bits=32.0,
-                  output_bytes=size, size_ratio=1.0, eval_s=secs)
+    return Result(
+        run.name,
+        "fp32",
+        top1=acc,
+        drop_pts=0.0,
+        average_bits=32.0,
+        storage_bits=32.0,
+        output_bytes=size,
+        size_ratio=1.0,
+        eval_s=secs,
+    )
 
 
 def ensure_w4_bytes(run: ModelRun, tmp: Path) -> int:
     """The packed-W4 byte count, from an earlier report or a probe uniform-w4 run."""
     if run.w4_bytes is None:
         bd.log(f"[{run.name}] probing weight sizes (uniform W4, not evaluated)")
-        rep = quantize(run.fp32_path, tmp / f"{run.name}.probe.onnx",
-                       build_config(Job("uniform-w4"), None))
+        rep = quantize(run.fp32_path, tmp / f"{run.name}.probe.onnx", build_config(Job("uniform-w4"), None))
         note_report(run, rep)
     assert run.w4_bytes is not None
     return run.w4_bytes
@@ -305,8 +331,9 @@ def run_job(run: ModelRun, job: Job, tmp: Path, args: argparse.Namespace) -> Res
         secs = time.perf_counter() - t0
         note_report(run, report)
         fill_from_report(res, report, secs)
-        bd.log(f"[{tag}] quantized in {secs:.2f} s: average {report.average_bits:.3f} bits, "
-               f"{_hist(res.widths)}")
+        bd.log(
+            f"[{tag}] quantized in {secs:.2f} s: average {report.average_bits:.3f} bits, {_hist(res.widths)}"
+        )
         res.top1, res.eval_s = evaluate(out, run, tag, args)
     except Exception as e:  # the bench records library failures and goes on with the next job
         res.error = "".join(traceback.format_exception(e))
@@ -334,8 +361,10 @@ def _check_reference(run: ModelRun, fp32: Result, limit: int | None) -> None:
     """Warn when the FP32 top-1 on the full set is off the README's reference (preprocessing bug)."""
     if limit is None and run.reference_top1 is not None and fp32.top1 is not None:
         if abs(fp32.top1 - run.reference_top1) > 1e-3:
-            bd.log(f"WARNING [{run.name}] FP32 top-1 {fp32.top1:.4f} differs from the reference "
-                   f"{run.reference_top1:.4f}: check the preprocessing")
+            bd.log(
+                f"WARNING [{run.name}] FP32 top-1 {fp32.top1:.4f} differs from the reference "
+                f"{run.reference_top1:.4f}: check the preprocessing"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +391,17 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         pass
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
-        "onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
         "onnx_mixquant": onnx_mixquant.__version__,
         "ort_provider": "CPUExecutionProvider",
         "ort_graph_optimization_level": str(bd.ORT_LEVELS[args.ort_level]).split(".")[-1],
-        "ort_intra_op_num_threads": args.threads, "batch": args.batch,
+        "ort_intra_op_num_threads": args.threads,
+        "batch": args.batch,
     }
 
 
@@ -377,21 +411,46 @@ def row_cells(r: Result) -> list[str]:
         last = r.error.strip().splitlines()[-1]
         return [r.method, f"error: {last}"] + ["-"] * 8
     mb = None if r.output_bytes is None else r.output_bytes / 1e6
-    return [r.method, _f(r.top1, ".4f"), _f(r.drop_pts, "+.2f"), _f(r.average_bits, ".3f"),
-            _f(r.storage_bits, ".3f"), f"{r.output_bytes:,}" if r.output_bytes else "-",
-            _f(mb, ".3f"), _f(r.size_ratio, ".3f"), _f(r.quantize_s, ".2f"), _hist(r.widths) or "-"]
+    return [
+        r.method,
+        _f(r.top1, ".4f"),
+        _f(r.drop_pts, "+.2f"),
+        _f(r.average_bits, ".3f"),
+        _f(r.storage_bits, ".3f"),
+        f"{r.output_bytes:,}" if r.output_bytes else "-",
+        _f(mb, ".3f"),
+        _f(r.size_ratio, ".3f"),
+        _f(r.quantize_s, ".2f"),
+        _hist(r.widths) or "-",
+    ]
 
 
-TABLE_HEAD = ["method", "top-1", "vs FP32 (pts)", "avg bits", "stored bits", "file bytes", "MB",
-              "x FP32 file", "quantize s", "widths chosen"]
+TABLE_HEAD = [
+    "method",
+    "top-1",
+    "vs FP32 (pts)",
+    "avg bits",
+    "stored bits",
+    "file bytes",
+    "MB",
+    "x FP32 file",
+    "quantize s",
+    "widths chosen",
+]
 
 
 def model_table(run: ModelRun) -> list[str]:
     """One model's markdown heading, table and summary line."""
     params = f"{run.quantized_params:,} quantized weight parameters, " if run.quantized_params else ""
     ref = f"; README FP32 reference {run.reference_top1:.4f}" if run.reference_top1 is not None else ""
-    lines = [f"### {run.name}", "", f"{params}{len(run.data.y):,} eval images{ref}.", "",
-             "| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    lines = [
+        f"### {run.name}",
+        "",
+        f"{params}{len(run.data.y):,} eval images{ref}.",
+        "",
+        "| " + " | ".join(TABLE_HEAD) + " |",
+        "|" + "---|" * len(TABLE_HEAD),
+    ]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in run.results]
     return [*lines, "", summary_line(run), ""]
 
@@ -403,16 +462,20 @@ def _compare(by: dict[str, Result], mine: str, theirs: str, what: str) -> str | 
         return None
     d = 100.0 * (a.top1 - b.top1)
     verdict = "MixQuant better" if d > 0 else "tie" if d == 0 else "uniform better"
-    return (f"{what}: {mine} {a.top1:.4f} ({_f(a.average_bits, '.2f')} avg bits) vs {theirs} "
-            f"{b.top1:.4f} ({d:+.2f} pts): **{verdict}**")
+    return (
+        f"{what}: {mine} {a.top1:.4f} ({_f(a.average_bits, '.2f')} avg bits) vs {theirs} "
+        f"{b.top1:.4f} ({d:+.2f} pts): **{verdict}**"
+    )
 
 
 def summary_line(run: ModelRun) -> str:
     """Whether MixQuant beat uniform at equal average bits (W4, W3) and at equal W4 storage."""
     by = {r.method: r for r in run.results}
-    parts = [_compare(by, "mixquant-w4", "uniform-w4", "W4"),
-             _compare(by, "mixquant-w3", "uniform-w3", "W3"),
-             _compare(by, "mixquant-size-w4", "uniform-w4", "equal W4 bytes")]
+    parts = [
+        _compare(by, "mixquant-w4", "uniform-w4", "W4"),
+        _compare(by, "mixquant-w3", "uniform-w3", "W3"),
+        _compare(by, "mixquant-size-w4", "uniform-w4", "equal W4 bytes"),
+    ]
     found = [p for p in parts if p]
     return "Summary: " + ("; ".join(found) if found else "no MixQuant/uniform pair was run") + "."
 
@@ -421,12 +484,16 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     """The whole BENCHMARKS.md section, markers included."""
     m = meta["machine"]
     lines = [
-        bd.mark("weight-only", "start"), "## Weight-only quantization: accuracy, size and time", "",
-        f"Produced by `{meta['command']}` on {meta['date']} (total {meta['total_s']:.0f} s).", "",
+        bd.mark("weight-only", "start"),
+        "## Weight-only quantization: accuracy, size and time",
+        "",
+        f"Produced by `{meta['command']}` on {meta['date']} (total {meta['total_s']:.0f} s).",
+        "",
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']} ({m['ort_provider']}, {m['ort_graph_optimization_level']}, "
         f"{m['ort_intra_op_num_threads']} intra-op threads, batch {m['batch']}), onnx {m['onnx']}, "
-        f"onnx_mixquant {m['onnx_mixquant']}.", "",
+        f"onnx_mixquant {m['onnx_mixquant']}.",
+        "",
         "All methods quantize weights only (asymmetric, per output channel, min-max, nearest "
         "rounding), activations stay float. *avg bits* is the parameter-weighted mean width; "
         "*stored bits* prices each width at its ONNX container (INT4 up to 4 bits, INT8 above). "
@@ -434,7 +501,8 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
         "rule at 4.0/3.0 average bits; mixquant-size-w4: byte budget equal to the packed uniform "
         "W4 weights; qem-layer / qem-model@Q: the paper's QEM rule with a per-layer / model-wide "
         "reference error. Raw results, with every weight's width: "
-        f"`{meta['json_rel']}`.", "",
+        f"`{meta['json_rel']}`.",
+        "",
     ]
     for run in runs:
         lines += model_table(run)
@@ -444,11 +512,14 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
 def results_json(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     """The raw results as JSON text."""
     doc = {
-        "schema": 1, **{k: v for k, v in meta.items() if k != "json_rel"},
+        "schema": 1,
+        **{k: v for k, v in meta.items() if k != "json_rel"},
         "models": {
             run.name: {
-                "eval_images": int(len(run.data.y)), "reference_fp32_top1": run.reference_top1,
-                "quantized_params": run.quantized_params, "w4_bytes": run.w4_bytes,
+                "eval_images": int(len(run.data.y)),
+                "reference_fp32_top1": run.reference_top1,
+                "quantized_params": run.quantized_params,
+                "w4_bytes": run.w4_bytes,
                 "results": [asdict(r) for r in run.results],
             }
             for run in runs
@@ -459,16 +530,20 @@ def results_json(runs: list[ModelRun], meta: dict[str, Any]) -> str:
 
 def stdout_table(runs: list[ModelRun]) -> str:
     """A compact fixed-width table of every row."""
-    head = f"{'model':<20} {'method':<18} {'top-1':>7} {'dpts':>7} {'avg':>6} {'stor':>6} " \
-           f"{'MB':>7} {'xFP32':>6} {'q s':>7}"
+    head = (
+        f"{'model':<20} {'method':<18} {'top-1':>7} {'dpts':>7} {'avg':>6} {'stor':>6} "
+        f"{'MB':>7} {'xFP32':>6} {'q s':>7}"
+    )
     lines = [head, "-" * len(head)]
     for run in runs:
         for r in run.results:
             mb = None if r.output_bytes is None else r.output_bytes / 1e6
-            lines.append(f"{run.name:<20} {r.method:<18} "
-                         f"{'ERROR' if r.error else _f(r.top1, '.4f'):>7} {_f(r.drop_pts, '+.2f'):>7} "
-                         f"{_f(r.average_bits, '.2f'):>6} {_f(r.storage_bits, '.2f'):>6} "
-                         f"{_f(mb, '.3f'):>7} {_f(r.size_ratio, '.3f'):>6} {_f(r.quantize_s, '.2f'):>7}")
+            lines.append(
+                f"{run.name:<20} {r.method:<18} "
+                f"{'ERROR' if r.error else _f(r.top1, '.4f'):>7} {_f(r.drop_pts, '+.2f'):>7} "
+                f"{_f(r.average_bits, '.2f'):>6} {_f(r.storage_bits, '.2f'):>6} "
+                f"{_f(mb, '.3f'):>7} {_f(r.size_ratio, '.3f'):>6} {_f(r.quantize_s, '.2f'):>7}"
+            )
     return "\n".join(lines)
 
 
@@ -498,9 +573,15 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="mixquant-bench-") as tmp:
         runs = [run_model(name, Path(tmp), args, refs) for name in args.models]
-    meta = {"command": command_line(argv), "date": started, "total_s": time.perf_counter() - t0,
-            "machine": machine_info(args), "limit": args.limit, "qem": args.qem,
-            "json_rel": _relative(args.json, args.out.parent) if args.json else None}
+    meta = {
+        "command": command_line(argv),
+        "date": started,
+        "total_s": time.perf_counter() - t0,
+        "machine": machine_info(args),
+        "limit": args.limit,
+        "qem": args.qem,
+        "json_rel": _relative(args.json, args.out.parent) if args.json else None,
+    }
     if args.out is not None:
         write_outputs(runs, meta, args)
     print(stdout_table(runs))

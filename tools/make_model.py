@@ -342,9 +342,7 @@ def write_readme(
     """
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     op_lines = ", ".join(f"{op} x{count}" for op, count in sorted(ops.items()))
-    weight_lines = "\n".join(
-        f"| `{name}` | {tuple(shape)} |" for name, shape in describe_weights(proto)
-    )
+    weight_lines = "\n".join(f"| `{name}` | {tuple(shape)} |" for name, shape in describe_weights(proto))
     command = COMMAND
     if (seed, epochs) != (0, DEFAULT_EPOCHS):
         command += f" --seed {seed} --epochs {epochs}"
@@ -491,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path} ({path.stat().st_size} bytes)")
     print(f"test accuracy: torch {torch_acc:.4f}, onnxruntime {ort_acc:.4f}")
     print(
-        f"onnxruntime vs torch: {same_pred}/{len(labels)} same predictions, "
-        f"max |logit diff| {max_diff:.2e}"
+        f"onnxruntime vs torch: {same_pred}/{len(labels)} same predictions, max |logit diff| {max_diff:.2e}"
     )
 
     ok = True
