@@ -103,10 +103,11 @@ def quantize(
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
     acts = None
-    if calib_data is not None:
-        try:
+    try:
+        if calib_data is not None and cfg.activations.enabled:
             acts = _quantize_activations(model, calib_data, cfg, timings, progress)
-        finally:
+    finally:
+        if calib_data is not None:
             calib_data.close()  # removes what a one-shot reader spooled to disk
     with _timed(timings, "save"):
         staged = export.stage_model(model, Path(output_path), src, cfg.export)
@@ -176,18 +177,12 @@ def _open_calibration(
     read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None
 ) -> data.CalibrationData | None:
     act = cfg.activations
-    if not act.enabled:
-        return None
     if calib is None:
-        raise ConfigError("activation quantization needs calibration data (--calib PATH)")
-    return data.open_calibration(
-        calib,
-        read.inputs,
-        calib_size=act.calib_size,
-        seed=cfg.seed,
-        batch_size=act.batch_size,
-        image_spec=image_spec,
-    )
+        if act.enabled:
+            raise ConfigError("activation quantization needs calibration data (--calib PATH)")
+        return None
+    return data.open_calibration(calib, read.inputs, calib_size=act.calib_size, seed=cfg.seed,
+                                 batch_size=act.batch_size, image_spec=image_spec)
 
 
 def _quantize_activations(

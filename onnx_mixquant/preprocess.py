@@ -249,7 +249,8 @@ class ImagePreprocessor:
         try:
             (pixels,) = self._session.run(["pixels"], {"image": encoded})
         except Exception as e:  # onnxruntime's errors share no base class but Exception
-            raise CalibrationError(f"image {str(path)!r} cannot be decoded: {e}") from e
+            reason = str(e).rpartition("Status Message: ")[2]  # drop onnxruntime's prefix
+            raise CalibrationError(f"image {str(path)!r} cannot be decoded: {reason}") from e
         if self.spec.crop is not None:
             hw = pixels.shape[2:] if self.spec.layout is ImageLayout.NCHW else pixels.shape[1:3]
             if tuple(hw) != tuple(self.spec.crop):
@@ -439,6 +440,8 @@ def _bmp_as_png(data: bytes) -> tuple[str | None, bytes]:
     raw = np.frombuffer(data, np.uint8, stride * rows, offset).reshape(rows, stride)
     if bits == 8:
         ncolours = int.from_bytes(data[46:50], "little") or 256
+        if ncolours > 256 or 14 + header + 4 * ncolours > len(data):
+            return "corrupt BMP palette", data
         palette = np.frombuffer(data, np.uint8, 4 * ncolours, 14 + header).reshape(ncolours, 4)
         bgr = palette[np.minimum(raw[:, :width], ncolours - 1), :3]
     else:

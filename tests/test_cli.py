@@ -215,3 +215,119 @@ def test_json_to_stdout(runner: CliRunner, tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     assert data["rule"] == "qem"
     assert all(w["storage"] in {"UINT4", "UINT8", None} for w in data["weights"])
+
+
+def test_calibrated_w8a8_fuses_and_reports(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "a8.onnx"
+    report = tmp_path / "r.json"
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(out),
+            "--calib",
+            str(DEMO_SAMPLES),
+            "--calib-size",
+            "64",
+            "--uniform-bits",
+            "8",
+            "--samples",
+            str(DEMO_SAMPLES),
+            "--report",
+            str(report),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.read_text())
+    acts = data["activations"]
+    assert acts["num_samples"] == 64 and acts["dtype"] == "UINT8" and acts["method"] == "minmax"
+    assert set(acts["fusion"]["fused"].values()) >= {"QLinearConv"} and acts["fusion"]["unfused"] == {}
+    assert data["validation"]["runs"][0]["top1_quant"] >= 0.96
+    assert "6 of 6 quantized Conv/Gemm/MatMul fused" in res.output
+    model = onnx.load(out)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(acts["tensors"])
+
+
+def test_weight_only_with_calib_and_int8_activations(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(
+        main, [str(DEMO_MODEL), str(tmp_path / "w.onnx"), "--calib", str(DEMO_SAMPLES), "--weight-only", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "activations: float" in res.output
+    assert "validation on 64 samples" in res.output  # calibration data validate the model
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(tmp_path / "s.onnx"),
+            "--calib",
+            str(DEMO_SAMPLES),
+            "--act-type",
+            "int8",
+            "--calib-method",
+            "percentile",
+            "--json",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.stderr
+    acts = json.loads(res.stdout)["activations"]
+    assert acts["dtype"] == "INT8" and acts["method"] == "percentile"
+    assert all(t["zero_point"] == 0 for t in acts["tensors"])
+
+
+def test_calibration_errors(runner: CliRunner, tmp_path: Path) -> None:
+    out = str(tmp_path / "o.onnx")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _expect_error(runner, [str(DEMO_MODEL), out, "--calib", str(empty)], 1, "empty")
+    _expect_error(runner, [str(DEMO_MODEL), out, "--calib", str(tmp_path / "missing.npz")], 1, "missing.npz")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((3, 1, 9, 8), dtype=np.float32))
+    _expect_error(runner, [str(DEMO_MODEL), out, "--calib", str(bad)], 1, "bad.npz")
+    _expect_error(
+        runner, [str(DEMO_MODEL), out, "--calib", str(DEMO_SAMPLES), "--calib-size", "0"], 2, "calib-size"
+    )
+    _expect_error(runner, [str(DEMO_MODEL), out, "--mean", "1,2"], 2, "three")
+    _expect_error(runner, [str(DEMO_MODEL), out, "--image-crop", "big"], 2, "HxW")
+    cfg = tmp_path / "img.json"
+    cfg.write_text('{"resize": 8, "colour": "red"}')
+    _expect_error(runner, [str(DEMO_MODEL), out, "--image-config", str(cfg)], 2, "colour")
+    _expect_error(
+        runner, [str(DEMO_MODEL), out, "--save-preprocess", str(tmp_path / "p.onnx")], 2, "--save-preprocess"
+    )
+    assert not Path(out).exists()
+
+
+def test_image_folder_calibration_and_saved_preprocessing(runner: CliRunner, tmp_path: Path) -> None:
+    pil = pytest.importorskip("PIL.Image")
+    images = tmp_path / "imgs" / "class_a"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    x = np.load(DEMO_SAMPLES)["input"][:12]
+    for i, sample in enumerate(x):  # digits are x/16 in [0, 1]: store as grey PNGs
+        grey = np.clip(sample[0] * 255, 0, 255).astype(np.uint8)
+        pil.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(images / f"{i:02d}.png")
+    del rng
+    cfg = tmp_path / "img.json"
+    cfg.write_text(json.dumps({"scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1], "layout": "NCHW"}))
+    pre = tmp_path / "pre.onnx"
+    res = runner.invoke(
+        main,
+        [
+            str(DEMO_MODEL),
+            str(tmp_path / "o.onnx"),
+            "--calib",
+            str(tmp_path / "imgs"),
+            "--image-config",
+            str(cfg),
+            "--save-preprocess",
+            str(pre),
+            "-q",
+        ],
+    )
+    # the demo model takes one channel, the images give three: a clear error naming the mismatch
+    assert res.exit_code == 1, res.output
+    assert "00.png" in res.output or "channel" in res.output or "dim" in res.output
+    onnx.checker.check_model(onnx.load(pre))
