@@ -322,7 +322,7 @@ def _gemm_scales(
     if sa is None or sb is None or sa.const_value is None or sb.const_value is None:
         return None
     a_scale, b_scale = sa.const_value.numpy(), sb.const_value.numpy()
-    if a_scale.size != 1 or node.attributes.get_int("transA", 0):
+    if a_scale.size != 1 or (node.attributes.get_int("transA") or 0):
         return None
     if b_scale.size > 1:  # per-channel weights: the axis must be Gemm's output axis
         axis = pb.attributes.get_int("axis", 1)
