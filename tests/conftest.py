@@ -14,6 +14,7 @@ MODELS = REPO / "models"
 BENCH = REPO.parent / "shared" / "bench"
 DEMO_MODEL = MODELS / "digits_cnn.onnx"
 DEMO_SAMPLES = MODELS / "digits_test.npz"
+DEMO_CALIB = MODELS / "digits_calib.npz"
 
 needs_bench = pytest.mark.skipif(not (BENCH / "models").is_dir(), reason="../shared/bench is absent")
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import DEMO_MODEL, DEMO_SAMPLES, make_mixed_model
+from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES, make_mixed_model
 from onnx import TensorProto, helper
 
 from onnx_mixquant.cli import main
@@ -30,10 +30,21 @@ def test_demo_model_end_to_end(runner: CliRunner, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     res = runner.invoke(
         main,
-        [str(DEMO_MODEL), str(out), "--samples", str(DEMO_SAMPLES), "--report", str(report), "-q"],
-    )
+        [
+            str(DEMO_MODEL),
+            str(out),
+            "--calib",
+            str(DEMO_CALIB),
+            "--samples",
+            str(DEMO_SAMPLES),
+            "--report",
+            str(report),
+            "-q",
+        ],
+    )  # the README's first command
     assert res.exit_code == 0, res.output
     assert "validation on 540 samples" in res.output
+    assert "activations: UINT8 minmax ranges from 256 samples" in res.output
     data = json.loads(report.read_text())
     assert data["output_written"] is True
     assert 3.5 <= data["average_bits"] <= 4.0
@@ -45,13 +56,29 @@ def test_demo_model_end_to_end(runner: CliRunner, tmp_path: Path) -> None:
     sk = {s["name"]: s["reason"] for s in data["skipped"]}
     assert "bias" in sk["conv1.bias"]
     assert _files(tmp_path) == ["demo_q.onnx", "report.json"]
+    readme = (DEMO_MODEL.parents[1] / "README.md").read_text()
+    assert "--calib models/digits_calib.npz --samples models/digits_test.npz" in readme
 
 
 def test_same_input_same_bytes(runner: CliRunner, tmp_path: Path) -> None:
     outs = []
     for i in range(2):
         out = tmp_path / f"q{i}.onnx"
-        res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--no-validate", "-q", "--seed", "3"])
+        res = runner.invoke(
+            main,
+            [
+                str(DEMO_MODEL),
+                str(out),
+                "--no-validate",
+                "-q",
+                "--seed",
+                "3",
+                "--calib",
+                str(DEMO_CALIB),
+                "--calib-size",
+                "100",
+            ],
+        )
         assert res.exit_code == 0, res.output
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -226,7 +253,7 @@ def test_calibrated_w8a8_fuses_and_reports(runner: CliRunner, tmp_path: Path) ->
             str(DEMO_MODEL),
             str(out),
             "--calib",
-            str(DEMO_SAMPLES),
+            str(DEMO_CALIB),
             "--calib-size",
             "64",
             "--uniform-bits",

@@ -81,6 +81,8 @@ from onnx_mixquant.preprocess import IMAGE_SUFFIXES, ImagePreprocessor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTION = "static"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Untimed runs at the start of each latency block (another model's threads may still be spinning).
+SKIP = 2
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ ORT_METHODS: dict[str, str] = {
     "distribution": "Distribution",
 }
 TOOL_METHODS: dict[str, CalibMethod] = {m.value: m for m in CalibMethod}
-QUICK_MODEL, QUICK_CALIB, QUICK_LIMIT, QUICK_RUNS = "resnet20_cifar10", 64, 1000, 30
+QUICK_MODEL, QUICK_CALIB, QUICK_LIMIT, QUICK_RUNS = "resnet20_cifar10", 64, 1000, 50
 
 
 @dataclass
@@ -163,8 +165,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
     p.add_argument("--prep-check", type=int, default=500, help="eval images of the preprocessing check")
-    p.add_argument("--latency-runs", type=int, help="timed runs per model (default 200; --quick 30)")
+    p.add_argument("--latency-runs", type=int, help="timed runs per model (default 200; --quick 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per model before timing")
+    p.add_argument("--latency-block", type=int, default=10, help="timed runs per model in a row")
     p.add_argument("--rss-model", help="model of the peak-memory check (default efficientnet_lite0)")
     p.add_argument("--rss-sizes", help="calibration sizes of that check (default 128,1024)")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per quantization subprocess")
@@ -557,25 +560,35 @@ def model_variants(
 
 
 def measure_latency(paths: dict[str, Path], x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model; all models interleaved, the order rotated each round."""
+    """Median batch-1 latency (ms) of each model, the models interleaved in blocks.
+
+    Each round runs every model (in an order rotated each round) for ``SKIP`` untimed runs, then
+    ``args.latency_block`` timed ones, until ``args.latency_runs`` runs per model are timed. Blocks, not
+    single runs: onnxruntime's intra-op threads spin after a run, so a model timed right after another
+    model's run shares the cores with that model's spinning threads (measured: a 1.4 ms resnet20
+    variant read 17 ms in one run-by-run interleave).
+    """
     sessions = {k: bd.make_session(p, "all", args.threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(args.warmup):
             s.run(None, feeds[k])
     keys, times = list(sessions), {k: [] for k in sessions}
-    for i in range(args.latency_runs):
+    rounds = -(-args.latency_runs // args.latency_block)
+    for i in range(rounds):
         for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t0)
+            for j in range(SKIP + args.latency_block):
+                t0 = time.perf_counter()
+                sessions[k].run(None, feeds[k])
+                if j >= SKIP:
+                    times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def add_latency(run: ModelRun, paths: dict[str, Path], args: argparse.Namespace) -> None:
     """Latency and its ratio to FP32 for every row that was evaluated."""
     ok = {r.variant: paths[r.variant] for r in run.rows if r.top1 is not None and r.variant in paths}
-    bd.log(f"[{run.name}] latency: {len(ok)} models x {args.latency_runs} runs, interleaved")
+    bd.log(f"[{run.name}] latency: {len(ok)} models x {args.latency_runs} runs, interleaved in blocks")
     lat = measure_latency(ok, run.data.x[:1], args)
     fp32 = lat.get("fp32")
     for r in run.rows:
@@ -812,7 +825,9 @@ NOTES = (
     "wall time of the quantize call in its subprocess (imports, and onnxruntime's pre-processing, "
     "excluded; onnx_mixquant's includes its fusion probe). *peak RSS*: VmHWM of the whole subprocess, "
     "imports included. *latency*: "
-    "median of batch-1 runs, every variant of a model interleaved in one process, after warm-up. "
+    "median of batch-1 runs, the variants of a model interleaved in blocks ({skip} untimed + {block} timed runs "
+    "each, order rotated every round) in one process, after warm-up; onnxruntime's default thread "
+    "spinning. "
     "*integer kernels*: Conv/Gemm/MatMul nodes of the output model that onnxruntime CPU "
     "(ORT_ENABLE_ALL) turned into QLinearConv / QGemm / ... (onnx_mixquant._fusion.check_fusion)."
 )
@@ -830,10 +845,11 @@ def render_section(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']} ({m['ort_provider']}, ORT_ENABLE_ALL, {m['ort_intra_op_num_threads']} "
         f"intra-op threads; eval batch {meta['batch']}, latency batch 1, {meta['warmup']} warm-up + "
-        f"{meta['latency_runs']} timed runs per model), onnx {m['onnx']}, numpy {m['numpy']}, "
+        f"{meta['latency_runs']} timed runs per model in blocks of {meta['latency_block']}), onnx "
+        f"{m['onnx']}, numpy {m['numpy']}, "
         f"onnx_mixquant {m['onnx_mixquant']}.",
         "",
-        NOTES + f" Raw results: `{meta['json_rel']}`.",
+        NOTES.format(skip=SKIP, block=meta["latency_block"]) + f" Raw results: `{meta['json_rel']}`.",
         "",
     ]
     for run in runs:
@@ -932,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "warmup": args.warmup,
         "latency_runs": args.latency_runs,
+        "latency_block": args.latency_block,
         "json_rel": _relative(args.json, args.out.parent) if args.out is not None and args.json else None,
     }
     if args.out is not None:

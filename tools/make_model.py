@@ -43,6 +43,9 @@ from torch import nn
 
 MODEL_FILE = "digits_cnn.onnx"
 TEST_FILE = "digits_test.npz"
+CALIB_FILE = "digits_calib.npz"
+#: Training images written as calibration data (a seeded sample of the training split).
+CALIB_COUNT = 256
 README_FILE = "README.md"
 OPSET = 17
 INPUT_NAME = "input"
@@ -361,6 +364,8 @@ Files:
   output `{OUTPUT_NAME}` float32 ({BATCH_DIM},10); the batch dimension `{BATCH_DIM}` is dynamic.
 - `{TEST_FILE}`: the held-out split. `input` float32 ({n_test},1,8,8), already normalised;
   `labels` int64 ({n_test},).
+- `{CALIB_FILE}`: calibration data for activation quantization: {CALIB_COUNT} images of the
+  training split (seeded sample), `input` float32 ({CALIB_COUNT},1,8,8), no labels.
 
 **FP32 accuracy on the held-out split ({n_test} images), onnxruntime CPU: {ort_accuracy:.2%}**
 (torch: {torch_accuracy:.2%}).
@@ -459,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     proto = export_onnx(model, model_path)
     test_path = out_dir / TEST_FILE
     np.savez_compressed(test_path, input=split.x_test, labels=split.y_test)
+    pick = np.sort(np.random.default_rng(args.seed).choice(len(split.y_train), CALIB_COUNT, replace=False))
+    np.savez_compressed(out_dir / CALIB_FILE, input=split.x_train[pick])
 
     with np.load(test_path) as saved:
         images, labels = saved["input"], saved["labels"]
