@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from conftest import BENCH, DEMO_MODEL, DEMO_SAMPLES, needs_bench
+from conftest import BENCH, DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES, needs_bench
 
 from onnx_mixquant import (
+    ActivationConfig,
+    ConfigError,
     QuantConfig,
     SearchConfig,
     SearchRule,
@@ -119,3 +122,51 @@ def test_efficientnet_weight_only_is_mixed_and_small(tmp_path: Path) -> None:
     assert len(report.weights) == 50
     assert len({w.bits for w in report.weights}) >= 3
     assert report.output_bytes < 0.3 * report.input_bytes
+
+
+class _Reader:
+    """An onnxruntime CalibrationDataReader look-alike (get_next only, no rewind)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        self.i += 8
+        return {"input": self.x[self.i - 8 : self.i]}
+
+
+def test_calibration_data_reader_and_iterables(tmp_path: Path) -> None:
+    x = np.load(DEMO_CALIB)["input"]
+    cfg = QuantConfig(
+        search=SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=8, target_bits=None),
+        activations=ActivationConfig(enabled=True),
+    )
+    from_reader = quantize(DEMO_MODEL, tmp_path / "r.onnx", cfg, calib=_Reader(x), samples_path=DEMO_SAMPLES)
+    from_list = quantize(
+        DEMO_MODEL,
+        tmp_path / "l.onnx",
+        cfg,
+        calib=[{"input": x[i : i + 8]} for i in range(0, len(x), 8)],
+        samples_path=DEMO_SAMPLES,
+    )
+    from_file = quantize(DEMO_MODEL, tmp_path / "f.onnx", cfg, calib=DEMO_CALIB, samples_path=DEMO_SAMPLES)
+    for report in (from_reader, from_list, from_file):
+        assert report.activations is not None and report.activations.num_samples == len(x)
+    # the same samples give the same ranges, whatever the container
+    assert from_reader.activations.tensors == from_file.activations.tensors  # type: ignore[union-attr]
+    assert (
+        (tmp_path / "r.onnx").read_bytes()
+        == (tmp_path / "l.onnx").read_bytes()
+        == (tmp_path / "f.onnx").read_bytes()
+    )
+    assert _sqnr(from_file) > 30
+
+
+def test_activations_need_calibration_data(tmp_path: Path) -> None:
+    cfg = QuantConfig(activations=ActivationConfig(enabled=True))
+    with pytest.raises(ConfigError, match="calibration data"):
+        quantize(DEMO_MODEL, tmp_path / "x.onnx", cfg)
+    assert not (tmp_path / "x.onnx").exists()

@@ -824,10 +824,9 @@ NOTES = (
     "calibration method (w4a8 / sym use the best mq-w8a8 method, picked on eval top-1). *quantize s*: "
     "wall time of the quantize call in its subprocess (imports, and onnxruntime's pre-processing, "
     "excluded; onnx_mixquant's includes its fusion probe). *peak RSS*: VmHWM of the whole subprocess, "
-    "imports included. *latency*: "
-    "median of batch-1 runs, the variants of a model interleaved in blocks ({skip} untimed + {block} timed runs "
-    "each, order rotated every round) in one process, after warm-up; onnxruntime's default thread "
-    "spinning. "
+    "imports included. *latency*: median of batch-1 runs, the variants of a model interleaved in "
+    "blocks ({skip} untimed + {block} timed runs each, order rotated every round) in one process, after "
+    "warm-up; onnxruntime's default thread spinning. "
     "*integer kernels*: Conv/Gemm/MatMul nodes of the output model that onnxruntime CPU "
     "(ORT_ENABLE_ALL) turned into QLinearConv / QGemm / ... (onnx_mixquant._fusion.check_fusion)."
 )
