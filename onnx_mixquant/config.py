@@ -25,6 +25,10 @@ __all__ = [
     "QemReference",
     "QuantConfig",
     "QuantizerConfig",
+    "ReconConfig",
+    "ReconGranularity",
+    "RECON_PRESETS",
+    "RoundingMethod",
     "ScaleMethod",
     "SearchConfig",
     "SearchRule",
@@ -251,6 +255,58 @@ class ActivationConfig:
             raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size!r}")
 
 
+class RoundingMethod(enum.Enum):
+    """How weights are rounded onto their grid: nearest, or BRECQ's learned (AdaRound) rounding."""
+
+    NEAREST = "nearest"
+    BRECQ = "brecq"
+
+
+class ReconGranularity(enum.Enum):
+    """Reconstruction units: single-entry single-exit blocks, or single layers."""
+
+    BLOCK = "block"
+    LAYER = "layer"
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """BRECQ block reconstruction (``RoundingMethod.BRECQ``); defaults are the reference constants."""
+
+    method: RoundingMethod = RoundingMethod.NEAREST
+    granularity: ReconGranularity = ReconGranularity.BLOCK
+    iters: int = 20000
+    samples: int = 1024
+    batch: int = 32
+    lr: float = 1e-3
+    #: Share of the iterations without the rounding regulariser (lambda = 0).
+    warmup: float = 0.2
+    lam: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    #: Weight the squared output error by the squared gradient of the output KL (diagonal Fisher).
+    fisher: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "samples", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reconstruction {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.batch > self.samples:
+            raise ConfigError(f"reconstruction batch ({self.batch}) exceeds its samples ({self.samples})")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if not (self.lr > 0 and self.lam >= 0 and self.beta_start >= self.beta_end > 0):
+            raise ConfigError("need lr > 0, lambda >= 0 and beta_start >= beta_end > 0")
+
+
+#: Named settings for --recon-preset: (iterations per unit, samples, batch).
+RECON_PRESETS: dict[str, tuple[int, int, int]] = {
+    "paper": (20000, 1024, 32),
+    "cpu": (2000, 512, 32),
+    "cpu-fast": (500, 256, 32),
+}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """The QDQ rewrite and the saved file."""
@@ -299,6 +355,7 @@ class QuantConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     seed: int = 0

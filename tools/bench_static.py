@@ -529,8 +529,16 @@ def quantize_variant(
 
 
 def best_of(rows: list[Row], family: str, prefix: str = "") -> Row | None:
-    """The row of ``family`` (variant starting with ``prefix``) with the highest top-1."""
-    ok = [r for r in rows if r.family == family and r.variant.startswith(prefix) and r.top1 is not None]
+    """The row of ``family`` (variant starting with ``prefix``, symmetric-weight rows left out) with the
+    highest top-1; the first such row on a tie."""
+    ok = [
+        r
+        for r in rows
+        if r.family == family
+        and r.variant.startswith(prefix)
+        and "-sym-" not in r.variant
+        and r.top1 is not None
+    ]
     return max(ok, key=lambda r: r.top1 or 0.0) if ok else None
 
 
@@ -695,7 +703,7 @@ def row_note(r: Row, run: ModelRun) -> str:
     marks = []
     for fam, prefix, text in (("ort", "ort-", "best ORT W8A8"), ("tool", "mq-w8a8-", "best mixquant W8A8")):
         best = best_of(run.rows, fam, prefix)
-        if best is r and not r.variant.startswith("mq-w8a8-sym"):
+        if best is r:
             marks.append(f"**{text}**")
     return ", ".join(marks)
 
@@ -735,9 +743,8 @@ TABLE_HEAD = [
 ]
 
 
-def verdict(run: ModelRun) -> dict[str, Any]:
-    """Best onnx_mixquant W8A8 vs best onnxruntime W8A8: accuracy (0.2-point margin) and latency."""
-    ours, theirs = best_of(run.rows, "tool", "mq-w8a8-"), best_of(run.rows, "ort")
+def _pair(ours: Row | None, theirs: Row | None) -> dict[str, Any]:
+    """Accuracy (0.2-point margin) and latency of one onnx_mixquant row against one onnxruntime row."""
     if ours is None or theirs is None or ours.top1 is None or theirs.top1 is None:
         return {}
     d = 100.0 * (ours.top1 - theirs.top1)
@@ -755,18 +762,32 @@ def verdict(run: ModelRun) -> dict[str, Any]:
     }
 
 
-def summary_line(run: ModelRun) -> str:
-    """One sentence comparing the best W8A8 of each tool."""
-    v = verdict(run)
-    if not v:
-        return "Summary: no complete onnx_mixquant / onnxruntime W8A8 pair."
+def verdict(run: ModelRun) -> dict[str, Any]:
+    """Best onnx_mixquant W8A8 (and its symmetric-weight twin) vs the best onnxruntime W8A8."""
+    ours, theirs = best_of(run.rows, "tool", "mq-w8a8-"), best_of(run.rows, "ort")
+    sym = next((r for r in run.rows if r.variant.startswith("mq-w8a8-sym-")), None)
+    return {"best": _pair(ours, theirs), "symmetric_weights": _pair(sym, theirs)}
+
+
+def _sentence(v: dict[str, Any], what: str) -> str:
     acc = "within 0.2 pts or better" if v["within_0_2_or_better"] else "**more than 0.2 pts worse**"
     lat = {True: "no slower", False: "**slower**", None: "not compared"}[v["latency_no_worse"]]
     return (
-        f"Summary: best onnx_mixquant W8A8 `{v['ours']}` vs best onnxruntime `{v['theirs']}`: "
-        f"{v['top1_diff_pts']:+.2f} pts top-1 ({acc}); latency {_f(v['latency_ratio_ours'], '.2f')}x vs "
-        f"{_f(v['latency_ratio_theirs'], '.2f')}x FP32 ({lat})."
+        f"{what} `{v['ours']}` vs best onnxruntime `{v['theirs']}`: {v['top1_diff_pts']:+.2f} pts top-1 "
+        f"({acc}); latency {_f(v['latency_ratio_ours'], '.2f')}x vs {_f(v['latency_ratio_theirs'], '.2f')}x "
+        f"FP32 ({lat})"
     )
+
+
+def summary_line(run: ModelRun) -> str:
+    """Sentences comparing the best W8A8 of each tool, and the symmetric-weight variant."""
+    v = verdict(run)
+    parts = []
+    if v["best"]:
+        parts.append(_sentence(v["best"], "best onnx_mixquant W8A8"))
+    if v["symmetric_weights"]:
+        parts.append(_sentence(v["symmetric_weights"], "with symmetric int8 weights"))
+    return "Summary: " + ("; ".join(parts) if parts else "no complete onnx_mixquant / onnxruntime pair") + "."
 
 
 def prep_line(run: ModelRun) -> str:
