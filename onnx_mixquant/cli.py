@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from onnx_mixquant.report import format_text, to_json, write_json
 __all__ = ["main"]
 
 EXIT_GATE = 3
+#: Seconds between progress lines when stderr is not a terminal.
+LOG_EVERY_S = 10.0
 _UNITS = {
     "": 1,
     "b": 1,
@@ -108,21 +111,26 @@ class _StageBars:
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.stage: str | None = None
+        self.last: float | None = None
         self.bar: Any = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
         if not self.enabled:
             return
         if stage != self.stage:
             self.close()
-            self.stage = stage
-            if not self.tty:
-                click.echo(f"onnx-mixquant: {stage} ({total} steps)", err=True)
-                return
-            self.bar = click.progressbar(length=total, label=f"{stage:<12}", file=sys.stderr, show_pos=True)
-            self.bar.__enter__()
+            self.stage, self.last = stage, None
+            if self.tty:
+                self.bar = click.progressbar(length=total, label=f"{stage:<12}", file=sys.stderr,
+                                             show_pos=True, item_show_func=lambda item: item)
+                self.bar.__enter__()
         if self.bar is not None:
-            self.bar.update(done - self.bar.pos)
+            self.bar.update(done - self.bar.pos, current_item=info or None)
+            return
+        now = time.monotonic()
+        if self.last is None or now - self.last >= LOG_EVERY_S:  # no terminal (CI logs): a line per 10 s
+            self.last = now
+            click.echo(f"onnx-mixquant: {stage} {done}/{total} {info}".rstrip(), err=True)
 
     def close(self) -> None:
         if self.bar is not None:

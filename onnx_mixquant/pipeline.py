@@ -32,8 +32,8 @@ VALIDATION_FROM_CALIB = 64
 
 logger = logging.getLogger(__name__)
 
-#: progress(stage, done, total): called by long stages; the CLI draws it on stderr.
-Progress = Callable[[str, int, int], None]
+#: progress(stage, done, total, info=""): called by long stages; the CLI draws it on stderr.
+Progress = Callable[..., None]
 #: ask_dim(input_name, dim_name) -> value, for symbolic input dims not given in the config.
 AskDim = Callable[[str, str], int]
 
