@@ -19,6 +19,7 @@ import click
 from onnx_mixquant import __version__
 from onnx_mixquant.config import (
     DEFAULT_BITS,
+    RECON_PRESETS,
     ActivationConfig,
     CalibMethod,
     ExportConfig,
@@ -28,6 +29,9 @@ from onnx_mixquant.config import (
     QemReference,
     QuantConfig,
     QuantizerConfig,
+    ReconConfig,
+    ReconGranularity,
+    RoundingMethod,
     ScaleMethod,
     SearchConfig,
     SearchRule,
@@ -183,7 +187,19 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             min_sqnr_db=opts["min_sqnr"],
         ),
         activations=_activation_config(opts),
+        recon=_recon_config(opts),
         seed=opts["seed"],
+    )
+
+
+def _recon_config(opts: dict[str, Any]) -> ReconConfig:
+    iters, samples, batch = RECON_PRESETS[opts["recon_preset"]]
+    return ReconConfig(
+        method=RoundingMethod(opts["method"]),
+        granularity=ReconGranularity(opts["recon_granularity"]),
+        iters=opts["iters"] or iters,
+        samples=opts["recon_samples"] or samples,
+        batch=opts["recon_batch"] or batch,
     )
 
 
@@ -336,6 +352,12 @@ def _ask_dim(input_name: str, dim: str) -> int:
     show_default=True,
     help="Convert the model's opset when the integer types need it (else refuse).",
 )
+@click.option("--method", type=click.Choice([m.value for m in RoundingMethod]), default="nearest", show_default=True, help="Weight rounding: nearest, or BRECQ block reconstruction (learned AdaRound rounding; needs --calib).")
+@click.option("--recon-preset", type=click.Choice(sorted(RECON_PRESETS)), default="cpu", show_default=True, help="BRECQ iterations/samples/batch: " + "; ".join(f"{k}: {v[0]} it, {v[1]} samples, batch {v[2]}" for k, v in RECON_PRESETS.items()) + ".")
+@click.option("--iters", type=click.IntRange(min=1), help="BRECQ iterations per unit (overrides the preset).")
+@click.option("--recon-samples", type=click.IntRange(min=1), help="BRECQ calibration samples (overrides the preset).")
+@click.option("--recon-batch", type=click.IntRange(min=1), help="BRECQ batch size (overrides the preset).")
+@click.option("--recon-granularity", type=click.Choice([g.value for g in ReconGranularity]), default="block", show_default=True, help="BRECQ units: single-entry single-exit blocks, or single layers.")
 @click.option(
     "--calib",
     multiple=True,

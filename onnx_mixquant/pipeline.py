@@ -20,10 +20,16 @@ import numpy as np
 
 from onnx_mixquant import activations, calibrate, data, export, graph, rounding, search, validate
 from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant.config import ImageSpec, QuantConfig, SearchRule
+from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, SearchRule
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import roundoff_error
-from onnx_mixquant.report import ActivationReport, ActivationTensor, Report, WeightReport
+from onnx_mixquant.report import (
+    ActivationReport,
+    ActivationTensor,
+    ReconReport,
+    Report,
+    WeightReport,
+)
 
 __all__ = ["Progress", "quantize"]
 
@@ -100,6 +106,9 @@ def quantize(
     calib_data = _open_calibration(read, cfg, calib, image_spec)
     samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
     weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
+    recon = None
+    if cfg.recon.method is RoundingMethod.BRECQ:
+        quantized, recon = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
     acts = None
@@ -145,6 +154,7 @@ def quantize(
         timings_s=timings,
         warnings=_warnings(read, plan, exported, acts),
         activations=acts,
+        reconstruction=recon,
     )
 
 
@@ -173,13 +183,33 @@ def _quantize_weights(
     return weights, plan, quantized
 
 
+def _reconstruct(
+    read: graph.ReadModel, cfg: QuantConfig, weights: dict[str, np.ndarray],
+    quantized: dict[str, rounding.QuantizedWeight], calib: data.CalibrationData | None,
+    timings: dict[str, float], progress: Progress | None,
+) -> tuple[dict[str, rounding.QuantizedWeight], ReconReport]:
+    """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data."""
+    from onnx_mixquant.reconstruct.train import reconstruct  # onnx-ad is only needed here
+
+    if calib is None:
+        raise ConfigError("--method brecq needs calibration data (--calib PATH)")
+    with _timed(timings, "reconstruct"):
+        result = reconstruct(read.model, read.sites, quantized, weights, calib.batches(), cfg.recon,
+                             seed=cfg.seed, progress=progress)
+    report = ReconReport(provider=result.provider, seconds=result.seconds, iters=cfg.recon.iters,
+                         samples=cfg.recon.samples, batch=cfg.recon.batch,
+                         granularity=cfg.recon.granularity.value, units=result.units)
+    return dict(result.weights), report
+
+
 def _open_calibration(
     read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None
 ) -> data.CalibrationData | None:
     act = cfg.activations
     if calib is None:
-        if act.enabled:
-            raise ConfigError("activation quantization needs calibration data (--calib PATH)")
+        if act.enabled or cfg.recon.method is RoundingMethod.BRECQ:
+            what = "activation quantization" if act.enabled else "--method brecq"
+            raise ConfigError(f"{what} needs calibration data (--calib PATH)")
         return None
     return data.open_calibration(calib, read.inputs, calib_size=act.calib_size, seed=cfg.seed,
                                  batch_size=act.batch_size, image_spec=image_spec)

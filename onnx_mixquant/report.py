@@ -9,15 +9,19 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnx_mixquant._fusion import FusionResult
 from onnx_mixquant.graph import SkippedWeight
 from onnx_mixquant.validate import ValidationResult
 
+if TYPE_CHECKING:  # the reconstruction stage (and onnx-ad) is imported only when BRECQ runs
+    from onnx_mixquant.reconstruct.train import UnitReport
+
 __all__ = [
     "ActivationReport",
     "ActivationTensor",
+    "ReconReport",
     "Report",
     "WeightReport",
     "format_text",
@@ -73,6 +77,19 @@ class ActivationReport:
 
 
 @dataclass(frozen=True)
+class ReconReport:
+    """BRECQ reconstruction: settings, provider, and each unit's outcome."""
+
+    provider: str
+    seconds: float
+    iters: int
+    samples: int
+    batch: int
+    granularity: str
+    units: tuple[UnitReport, ...]
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything a run measured. ``output_written`` is False when a quality gate failed."""
 
@@ -94,6 +111,7 @@ class Report:
     timings_s: Mapping[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     activations: ActivationReport | None = None
+    reconstruction: ReconReport | None = None
 
 
 def _clean(x: Any) -> Any:
@@ -169,6 +187,7 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
             )
         if len(quant) > max_weights:
             lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
+    lines.extend(_recon_lines(report.reconstruction))
     lines.extend(_activation_lines(report.activations))
     lines.extend(_validation_lines(report.validation))
     lines.extend(f"warning: {w}" for w in report.warnings)
@@ -209,4 +228,19 @@ def _activation_lines(a: ActivationReport | None) -> list[str]:
             f"{len(a.compute_nodes)} quantized Conv/Gemm/MatMul fused ({fused}); "
             f"{len(a.fusion.unfused)} run in float"
         )
+    return out
+
+
+def _recon_lines(r: ReconReport | None) -> list[str]:
+    if r is None:
+        return []
+    learned = [u for u in r.units if u.rounding == "learned"]
+    out = [f"BRECQ ({r.granularity}s, {r.iters} iterations x batch {r.batch}, {r.samples} samples, "
+           f"{r.provider}): {len(learned)} of {len(r.units)} units use learned rounding, {r.seconds:.0f} s"]
+    for u in r.units:
+        if u.loss_nearest is not None and u.loss_learned is not None:
+            out.append(f"  {u.name[:60]:<60} error {u.loss_nearest:.4g} -> {u.loss_learned:.4g} "
+                       f"({u.rounding}, {u.iters_per_second:.1f} it/s)")
+        else:
+            out.append(f"  {u.name[:60]:<60} nearest rounding: {u.reason}")
     return out
