@@ -284,8 +284,6 @@ class ReconConfig:
     lam: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
-    #: Weight the squared output error by the squared gradient of the output KL (diagonal Fisher).
-    fisher: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iters", "samples", "batch"):
