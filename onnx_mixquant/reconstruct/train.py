@@ -286,7 +286,7 @@ def _reconstruct_unit(
 ) -> tuple[UnitReport, dict[str, QuantizedWeight]]:
     names = tuple(n for n in unit.weights if n in nearest)
     base = dict(name=unit.name, kind=unit.kind, reason=unit.reason, weights=names)
-    if not names or "no gradient rule" in unit.reason:
+    if not names or not unit.differentiable:
         return UnitReport(**base, iters=0, seconds=0.0, iters_per_second=0.0, loss_nearest=None,
                           loss_learned=None, rounding="nearest"), {}
     t0 = time.perf_counter()
