@@ -213,7 +213,7 @@ def _validation_lines(v: ValidationResult | None) -> list[str]:
 
 def _activation_lines(a: ActivationReport | None) -> list[str]:
     if a is None:
-        return ["activations: float (weight-only; give --calib for 8-bit activations)"]
+        return ["activations: float (weight-only)"]
     out = [
         f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
         f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"

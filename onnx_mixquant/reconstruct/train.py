@@ -28,6 +28,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_mixquant.config import ReconConfig, ReconGranularity
+from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import WeightSite
 from onnx_mixquant.numerics import dequantize
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
@@ -130,23 +131,31 @@ def _session(model: ir.Model, outputs: Sequence[str], provider: str) -> ort.Infe
     return ort.InferenceSession(ir.to_proto(copy).SerializeToString(), so, providers=[provider])
 
 
-def _run(model: ir.Model, name: str, inputs: Mapping[str, np.ndarray], cache: _Cache,
-         provider: str, batch: int = 64) -> np.memmap:
+def _run(
+    model: ir.Model,
+    name: str,
+    inputs: Mapping[str, np.ndarray],
+    cache: _Cache,
+    provider: str,
+    batch: int = 64,
+) -> np.memmap:
     """Tensor ``name`` for every cached sample, written batch by batch into a memory map."""
     sess = _session(model, [name], provider)
     n = len(next(iter(inputs.values())))
     out: np.memmap | None = None
     for lo in range(0, n, batch):
-        feed = {k: np.ascontiguousarray(v[lo:lo + batch]) for k, v in inputs.items()}
+        feed = {k: np.ascontiguousarray(v[lo : lo + batch]) for k, v in inputs.items()}
         got = sess.run([name], feed)[0]
         if out is None:
             out = cache.new((n, *got.shape[1:]), got.dtype)
-        out[lo:lo + len(got)] = got
+        out[lo : lo + len(got)] = got
     assert out is not None
     return out
 
 
-def _cache_inputs(batches: Iterator[dict[str, np.ndarray]], limit: int, cache: _Cache) -> dict[str, np.memmap]:
+def _cache_inputs(
+    batches: Iterator[dict[str, np.ndarray]], limit: int, cache: _Cache
+) -> dict[str, np.memmap]:
     """The first ``limit`` calibration samples of every model input, on disk."""
     out: dict[str, np.memmap] = {}
     done = 0
@@ -155,7 +164,7 @@ def _cache_inputs(batches: Iterator[dict[str, np.ndarray]], limit: int, cache: _
         for k, v in feed.items():
             if k not in out:
                 out[k] = cache.new((limit, *v.shape[1:]), v.dtype)
-            out[k][done:done + take] = v[:take]
+            out[k][done : done + take] = v[:take]
         done += take
         if done >= limit:
             break
@@ -178,8 +187,13 @@ def _set_weight(model: ir.Model, name: str, w: np.ndarray) -> None:
 
 
 def _train_unit(
-    program: UnitProgram, x: np.ndarray, y: np.ndarray, weights: Sequence[UnitWeight], cfg: ReconConfig,
-    rng: np.random.Generator, tick: Callable[[int, str], None],
+    program: UnitProgram,
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: Sequence[UnitWeight],
+    cfg: ReconConfig,
+    rng: np.random.Generator,
+    tick: Callable[[int, str], None],
 ) -> dict[str, np.ndarray]:
     """Adam on the rounding variables of one unit; returns the trained V per weight."""
     v = {w.name: init_v(w.w, w.qparams) for w in weights}
@@ -197,25 +211,29 @@ def _train_unit(
     return v
 
 
-def _held_out_error(program: UnitProgram, x: np.ndarray, y: np.ndarray, v: Mapping[str, np.ndarray],
-                    batch: int) -> float:
+def _held_out_error(
+    program: UnitProgram, x: np.ndarray, y: np.ndarray, v: Mapping[str, np.ndarray], batch: int
+) -> float:
     """Mean per-sample squared error of the hard-rounded unit on ``x`` (whole batches only)."""
     total, count = 0.0, 0
     for lo in range(0, len(x) - batch + 1, batch):
-        out = program.forward(np.ascontiguousarray(x[lo:lo + batch]), v, hard=True)
-        diff = out.astype(np.float64) - y[lo:lo + batch]
+        out = program.forward(np.ascontiguousarray(x[lo : lo + batch]), v, hard=True)
+        diff = out.astype(np.float64) - y[lo : lo + batch]
         total += float(np.sum(diff * diff))
         count += batch
     return total / max(count, 1)
 
 
-def _nearest_v(weights: Sequence[UnitWeight], nearest: Mapping[str, QuantizedWeight]) -> dict[str, np.ndarray]:
+def _nearest_v(
+    weights: Sequence[UnitWeight], nearest: Mapping[str, QuantizedWeight]
+) -> dict[str, np.ndarray]:
     """V whose hard rounding reproduces the nearest-rounded integers (floor + 1 where q rounded up)."""
     out = {}
     for w in weights:
         qp = w.qparams
         floor = np.floor(w.w / np.asarray(qp.scale).reshape(_bshape(w.w, qp.axis))) + np.asarray(
-            qp.zero_point).reshape(_bshape(w.w, qp.axis))
+            qp.zero_point
+        ).reshape(_bshape(w.w, qp.axis))
         up = nearest[w.name].q.astype(np.float32) > floor
         out[w.name] = np.where(up, 1.0, -1.0).astype(np.float32)
     return out
@@ -255,8 +273,12 @@ def reconstruct(
     """
     t_start = time.perf_counter()
     provider = available_providers(True)[0]
-    units = partition(fp_model, [s for s in sites if s.name in nearest],
-                      blocks=cfg.granularity is ReconGranularity.BLOCK, differentiable=differentiable)
+    units = partition(
+        fp_model,
+        [s for s in sites if s.name in nearest],
+        blocks=cfg.granularity is ReconGranularity.BLOCK,
+        differentiable=differentiable,
+    )
     rng = np.random.default_rng(seed)
     cache = _Cache()
     work = fp_model.clone()
@@ -266,8 +288,9 @@ def reconstruct(
         inputs = _cache_inputs(calib, cfg.samples, cache)
         for i, unit in enumerate(units):
             stage = f"unit {i + 1}/{len(units)}"
-            rep, learned = _reconstruct_unit(unit, fp_model, work, inputs, nearest, weights, cfg, rng,
-                                             cache, provider, stage, progress)
+            rep, learned = _reconstruct_unit(
+                unit, fp_model, work, inputs, nearest, weights, cfg, rng, cache, provider, stage, progress
+            )
             reports.append(rep)
             result.update(learned)
             for name in unit.weights:
@@ -275,26 +298,38 @@ def reconstruct(
                     _set_weight(work, name, dequantize(result[name].q, result[name].qparams))
     finally:
         cache.close()
-    return ReconResult(weights=result, units=tuple(reports), provider=provider,
-                       seconds=time.perf_counter() - t_start)
+    return ReconResult(
+        weights=result, units=tuple(reports), provider=provider, seconds=time.perf_counter() - t_start
+    )
 
 
 def _reconstruct_unit(
-    unit: Unit, fp_model: ir.Model, work: ir.Model, inputs: Mapping[str, np.ndarray],
-    nearest: Mapping[str, QuantizedWeight], weights: Mapping[str, np.ndarray], cfg: ReconConfig,
-    rng: np.random.Generator, cache: _Cache, provider: str, stage: str, progress: ReconProgress | None,
+    unit: Unit,
+    fp_model: ir.Model,
+    work: ir.Model,
+    inputs: Mapping[str, np.ndarray],
+    nearest: Mapping[str, QuantizedWeight],
+    weights: Mapping[str, np.ndarray],
+    cfg: ReconConfig,
+    rng: np.random.Generator,
+    cache: _Cache,
+    provider: str,
+    stage: str,
+    progress: ReconProgress | None,
 ) -> tuple[UnitReport, dict[str, QuantizedWeight]]:
     names = tuple(n for n in unit.weights if n in nearest)
-    base = dict(name=unit.name, kind=unit.kind, reason=unit.reason, weights=names)
     if not names or not unit.differentiable:
-        return UnitReport(**base, iters=0, seconds=0.0, iters_per_second=0.0, loss_nearest=None,
-                          loss_learned=None, rounding="nearest"), {}
+        return _nearest_report(unit, names, unit.reason), {}
     t0 = time.perf_counter()
     x = _run(work, unit.input, inputs, cache, provider)
     y = _run(fp_model, unit.output, inputs, cache, provider)
     n_train = max(cfg.batch, len(x) - HELD_OUT) if len(x) > cfg.batch + HELD_OUT else len(x)
     uw = [UnitWeight(name=n, w=weights[n], qparams=nearest[n].qparams) for n in names]
-    program = UnitProgram(fp_model, unit, uw, (cfg.batch, *x.shape[1:]), provider=provider)
+    try:
+        program = UnitProgram(fp_model, unit, uw, (cfg.batch, *x.shape[1:]), provider=provider)
+    except UnsupportedModelError as e:  # e.g. a layer reading two activations: keep nearest rounding
+        logger.warning("%s %s: %s; keeping nearest rounding", stage, unit.name, e)
+        return _nearest_report(unit, names, str(e)), {}
 
     def tick(done: int, info: str) -> None:
         if progress is not None:
@@ -306,12 +341,48 @@ def _reconstruct_unit(
     held_x, held_y = (x[n_train:], y[n_train:]) if len(x) - n_train >= cfg.batch else (x, y)
     loss_near = _held_out_error(program, held_x, held_y, _nearest_v(uw, nearest), cfg.batch)
     loss_learn = _held_out_error(program, held_x, held_y, v, cfg.batch)
-    learned = {w.name: QuantizedWeight(w.name, hard_quantize(w.w, w.qparams, v[w.name]).astype(
-        nearest[w.name].q.dtype), w.qparams) for w in uw}
+    learned = {
+        w.name: QuantizedWeight(
+            w.name, hard_quantize(w.w, w.qparams, v[w.name]).astype(nearest[w.name].q.dtype), w.qparams
+        )
+        for w in uw
+    }
     keep = loss_learn <= loss_near
     seconds = time.perf_counter() - t0
-    logger.info("%s %s: held-out error nearest %.4g -> learned %.4g (%s) in %.1f s", stage, unit.name,
-                loss_near, loss_learn, "kept" if keep else "nearest kept", seconds)
-    return UnitReport(**base, iters=cfg.iters, seconds=seconds, iters_per_second=cfg.iters / max(t_train, 1e-9),
-                      loss_nearest=loss_near, loss_learned=loss_learn,
-                      rounding="learned" if keep else "nearest"), (learned if keep else {})
+    logger.info(
+        "%s %s: held-out error nearest %.4g -> learned %.4g (%s) in %.1f s",
+        stage,
+        unit.name,
+        loss_near,
+        loss_learn,
+        "kept" if keep else "nearest kept",
+        seconds,
+    )
+    return UnitReport(
+        name=unit.name,
+        kind=unit.kind,
+        reason=unit.reason,
+        weights=names,
+        iters=cfg.iters,
+        seconds=seconds,
+        iters_per_second=cfg.iters / max(t_train, 1e-9),
+        loss_nearest=loss_near,
+        loss_learned=loss_learn,
+        rounding="learned" if keep else "nearest",
+    ), (learned if keep else {})
+
+
+def _nearest_report(unit: Unit, names: tuple[str, ...], reason: str) -> UnitReport:
+    """Report of a unit that keeps nearest rounding without training."""
+    return UnitReport(
+        name=unit.name,
+        kind=unit.kind,
+        reason=reason,
+        weights=names,
+        iters=0,
+        seconds=0.0,
+        iters_per_second=0.0,
+        loss_nearest=None,
+        loss_learned=None,
+        rounding="nearest",
+    )
