@@ -173,7 +173,7 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
     """QuantConfig from the parsed CLI options (ConfigError on a bad value)."""
     return QuantConfig(
         quantizer=QuantizerConfig(
-            symmetry=Symmetry(opts["symmetry"]),
+            symmetry=Symmetry(opts["symmetry"]) if opts["symmetry"] else None,
             granularity=Granularity(opts["granularity"]),
             scale_method=ScaleMethod(opts["scale_method"]),
         ),
@@ -329,8 +329,8 @@ def _ask_dim(input_name: str, dim: str) -> int:
 @click.option(
     "--symmetry",
     type=click.Choice([s.value for s in Symmetry]),
-    default="asymmetric",
-    show_default=True,
+    help="Weight grid. Default: symmetric (int8) with 8-bit activations, where onnxruntime's integer "
+    "kernels are fastest with it; asymmetric (uint8 + zero point) for weight-only models.",
 )
 @click.option(
     "--granularity",

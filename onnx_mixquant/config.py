@@ -122,7 +122,9 @@ class WeightOverride:
 class QuantizerConfig:
     """The base weight quantizer (used by the error table and by the rounding stage)."""
 
-    symmetry: Symmetry = Symmetry.ASYMMETRIC
+    #: None: symmetric (int8) when activations are quantized -- onnxruntime's QLinearConv is several
+    #: times slower with uint8 weights with zero points (measured, BENCHMARKS.md) -- else asymmetric.
+    symmetry: Symmetry | None = None
     granularity: Granularity = Granularity.PER_CHANNEL
     scale_method: ScaleMethod = ScaleMethod.MINMAX
     mse_p: float = 2.4

@@ -20,7 +20,7 @@ import numpy as np
 
 from onnx_mixquant import activations, calibrate, data, export, graph, rounding, search, validate
 from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, SearchRule
+from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, SearchRule, Symmetry
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import roundoff_error
 from onnx_mixquant.report import (
@@ -31,7 +31,7 @@ from onnx_mixquant.report import (
     WeightReport,
 )
 
-__all__ = ["Progress", "quantize"]
+__all__ = ["Progress", "quantize", "resolve_config"]
 
 #: Calibration samples reused for validation when no --samples file is given.
 VALIDATION_FROM_CALIB = 64
@@ -91,7 +91,7 @@ def quantize(
     Raises:
         MixQuantError: bad model, data or options (the message names the file/tensor/option).
     """
-    cfg = config or QuantConfig()
+    cfg = resolve_config(config or QuantConfig())
     timings: dict[str, float] = {}
     src = Path(input_path)
     export.check_destination(Path(output_path), src)
@@ -156,6 +156,14 @@ def quantize(
         activations=acts,
         reconstruction=recon,
     )
+
+
+def resolve_config(cfg: QuantConfig) -> QuantConfig:
+    """Fill in the settings whose default depends on others (weight symmetry: see QuantizerConfig)."""
+    if cfg.quantizer.symmetry is None:
+        sym = Symmetry.SYMMETRIC if cfg.activations.enabled else Symmetry.ASYMMETRIC
+        cfg = replace(cfg, quantizer=replace(cfg.quantizer, symmetry=sym))
+    return cfg
 
 
 def _quantize_weights(
