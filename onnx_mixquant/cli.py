@@ -125,8 +125,13 @@ class _StageBars:
             self.close()
             self.stage, self.last = stage, None
             if self.tty:
-                self.bar = click.progressbar(length=total, label=f"{stage:<12}", file=sys.stderr,
-                                             show_pos=True, item_show_func=lambda item: item)
+                self.bar = click.progressbar(
+                    length=total,
+                    label=f"{stage:<12}",
+                    file=sys.stderr,
+                    show_pos=True,
+                    item_show_func=lambda item: item,
+                )
                 self.bar.__enter__()
         if self.bar is not None:
             self.bar.update(done - self.bar.pos, current_item=info or None)
@@ -352,12 +357,34 @@ def _ask_dim(input_name: str, dim: str) -> int:
     show_default=True,
     help="Convert the model's opset when the integer types need it (else refuse).",
 )
-@click.option("--method", type=click.Choice([m.value for m in RoundingMethod]), default="nearest", show_default=True, help="Weight rounding: nearest, or BRECQ block reconstruction (learned AdaRound rounding; needs --calib).")
-@click.option("--recon-preset", type=click.Choice(sorted(RECON_PRESETS)), default="cpu", show_default=True, help="BRECQ iterations/samples/batch: " + "; ".join(f"{k}: {v[0]} it, {v[1]} samples, batch {v[2]}" for k, v in RECON_PRESETS.items()) + ".")
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in RoundingMethod]),
+    default="nearest",
+    show_default=True,
+    help="Weight rounding: nearest, or BRECQ block reconstruction (learned AdaRound rounding; needs --calib).",
+)
+@click.option(
+    "--recon-preset",
+    type=click.Choice(sorted(RECON_PRESETS)),
+    default="cpu",
+    show_default=True,
+    help="BRECQ iterations/samples/batch: "
+    + "; ".join(f"{k}: {v[0]} it, {v[1]} samples, batch {v[2]}" for k, v in RECON_PRESETS.items())
+    + ".",
+)
 @click.option("--iters", type=click.IntRange(min=1), help="BRECQ iterations per unit (overrides the preset).")
-@click.option("--recon-samples", type=click.IntRange(min=1), help="BRECQ calibration samples (overrides the preset).")
+@click.option(
+    "--recon-samples", type=click.IntRange(min=1), help="BRECQ calibration samples (overrides the preset)."
+)
 @click.option("--recon-batch", type=click.IntRange(min=1), help="BRECQ batch size (overrides the preset).")
-@click.option("--recon-granularity", type=click.Choice([g.value for g in ReconGranularity]), default="block", show_default=True, help="BRECQ units: single-entry single-exit blocks, or single layers.")
+@click.option(
+    "--recon-granularity",
+    type=click.Choice([g.value for g in ReconGranularity]),
+    default="block",
+    show_default=True,
+    help="BRECQ units: single-entry single-exit blocks, or single layers.",
+)
 @click.option(
     "--calib",
     multiple=True,

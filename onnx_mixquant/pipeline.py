@@ -20,6 +20,7 @@ import numpy as np
 
 from onnx_mixquant import activations, calibrate, data, export, graph, rounding, search, validate
 from onnx_mixquant._fusion import check_fusion
+from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, SearchRule, Symmetry
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import roundoff_error
@@ -192,9 +193,13 @@ def _quantize_weights(
 
 
 def _reconstruct(
-    read: graph.ReadModel, cfg: QuantConfig, weights: dict[str, np.ndarray],
-    quantized: dict[str, rounding.QuantizedWeight], calib: data.CalibrationData | None,
-    timings: dict[str, float], progress: Progress | None,
+    read: graph.ReadModel,
+    cfg: QuantConfig,
+    weights: dict[str, np.ndarray],
+    quantized: dict[str, rounding.QuantizedWeight],
+    calib: data.CalibrationData | None,
+    timings: dict[str, float],
+    progress: Progress | None,
 ) -> tuple[dict[str, rounding.QuantizedWeight], ReconReport]:
     """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data."""
     from onnx_mixquant.reconstruct.train import reconstruct  # onnx-ad is only needed here
@@ -202,11 +207,25 @@ def _reconstruct(
     if calib is None:
         raise ConfigError("--method brecq needs calibration data (--calib PATH)")
     with _timed(timings, "reconstruct"):
-        result = reconstruct(read.model, read.sites, quantized, weights, calib.batches(), cfg.recon,
-                             seed=cfg.seed, progress=progress)
-    report = ReconReport(provider=result.provider, seconds=result.seconds, iters=cfg.recon.iters,
-                         samples=cfg.recon.samples, batch=cfg.recon.batch,
-                         granularity=cfg.recon.granularity.value, units=result.units)
+        result = reconstruct(
+            read.model,
+            read.sites,
+            quantized,
+            weights,
+            calib.batches(),
+            cfg.recon,
+            seed=cfg.seed,
+            progress=progress,
+        )
+    report = ReconReport(
+        provider=result.provider,
+        seconds=result.seconds,
+        iters=cfg.recon.iters,
+        samples=cfg.recon.samples,
+        batch=cfg.recon.batch,
+        granularity=cfg.recon.granularity.value,
+        units=result.units,
+    )
     return dict(result.weights), report
 
 
@@ -219,8 +238,14 @@ def _open_calibration(
             what = "activation quantization" if act.enabled else "--method brecq"
             raise ConfigError(f"{what} needs calibration data (--calib PATH)")
         return None
-    return data.open_calibration(calib, read.inputs, calib_size=act.calib_size, seed=cfg.seed,
-                                 batch_size=act.batch_size, image_spec=image_spec)
+    return data.open_calibration(
+        calib,
+        read.inputs,
+        calib_size=act.calib_size,
+        seed=cfg.seed,
+        batch_size=act.batch_size,
+        image_spec=image_spec,
+    )
 
 
 def _quantize_activations(
@@ -232,6 +257,7 @@ def _quantize_activations(
 ) -> ActivationReport:
     """Plan activation tensors, calibrate their ranges on ``calib``, insert their Q/DQ (in place)."""
     act = cfg.activations
+    folded = fold_pads_into_convs(model)
     aplan = activations.plan_activations(model, act)
     with _timed(timings, "calibrate"):
         result = calibrate.collect_ranges(
@@ -268,6 +294,7 @@ def _quantize_activations(
         skipped=aplan.skipped,
         compute_nodes=compute,
         fusion=None,
+        folded_pads=tuple(folded),
     )
 
 

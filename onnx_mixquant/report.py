@@ -74,6 +74,8 @@ class ActivationReport:
     skipped: tuple[tuple[str, str], ...]
     compute_nodes: tuple[str, ...]
     fusion: FusionResult | None
+    #: Zero Pad nodes folded into the Conv reading them (exact; onnxruntime's quant_pre_process does it).
+    folded_pads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,8 @@ def _activation_lines(a: ActivationReport | None) -> list[str]:
         f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
         f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"
     ]
+    if a.folded_pads:
+        out.append(f"{len(a.folded_pads)} zero Pad nodes folded into the Conv reading them (exact)")
     if a.fusion is not None:
         kinds: dict[str, int] = {}
         for k in a.fusion.fused.values():
@@ -235,12 +239,16 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
     if r is None:
         return []
     learned = [u for u in r.units if u.rounding == "learned"]
-    out = [f"BRECQ ({r.granularity}s, {r.iters} iterations x batch {r.batch}, {r.samples} samples, "
-           f"{r.provider}): {len(learned)} of {len(r.units)} units use learned rounding, {r.seconds:.0f} s"]
+    out = [
+        f"BRECQ ({r.granularity}s, {r.iters} iterations x batch {r.batch}, {r.samples} samples, "
+        f"{r.provider}): {len(learned)} of {len(r.units)} units use learned rounding, {r.seconds:.0f} s"
+    ]
     for u in r.units:
         if u.loss_nearest is not None and u.loss_learned is not None:
-            out.append(f"  {u.name[:60]:<60} error {u.loss_nearest:.4g} -> {u.loss_learned:.4g} "
-                       f"({u.rounding}, {u.iters_per_second:.1f} it/s)")
+            out.append(
+                f"  {u.name[:60]:<60} error {u.loss_nearest:.4g} -> {u.loss_learned:.4g} "
+                f"({u.rounding}, {u.iters_per_second:.1f} it/s)"
+            )
         else:
             out.append(f"  {u.name[:60]:<60} nearest rounding: {u.reason}")
     return out

@@ -175,3 +175,44 @@ def test_gemm_bias_becomes_int32_so_qgemm_fuses(tmp_path: Path) -> None:
     ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 25
+
+
+def test_zero_pads_fold_into_the_conv(tmp_path: Path) -> None:
+    from onnx_mixquant._padfold import fold_pads_into_convs
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 2, 1], dtype=np.int64), "pads")
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="pad"),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["x", "pads"], ["p2"], name="pad_reflect", mode="reflect"),
+        helper.make_node("Conv", ["p2", "w"], ["y2"], name="conv2"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, None),
+        ],
+        initializer=[w, pads],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "pad.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(m), src)
+    model = read_model(src).model
+    assert fold_pads_into_convs(model) == ["pad"]  # the reflect Pad is not zero padding
+    conv = next(n for n in model.graph if n.name == "conv")
+    assert list(conv.attributes.get_ints("pads")) == [2, 1, 3, 2]
+    out = tmp_path / "folded.onnx"
+    ir.save(model, out)
+    x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], want[1])

@@ -79,10 +79,10 @@ from onnx_mixquant.graph import node_names
 from onnx_mixquant.preprocess import IMAGE_SUFFIXES, ImagePreprocessor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Latency ratios this close (relative) are reported as "within" (run-to-run spread of the medians).
+LATENCY_TOLERANCE = 0.03
 SECTION = "static"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-#: Untimed runs at the start of each latency block (another model's threads may still be spinning).
-SKIP = 2
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
     p.add_argument("--prep-check", type=int, default=500, help="eval images of the preprocessing check")
     p.add_argument("--latency-runs", type=int, help="timed runs per model (default 200; --quick 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model before timing")
-    p.add_argument("--latency-block", type=int, default=10, help="timed runs per model in a row")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per session before timing")
+    p.add_argument("--latency-rounds", type=int, default=5, help="rounds over the models (latency)")
     p.add_argument("--rss-model", help="model of the peak-memory check (default efficientnet_lite0)")
     p.add_argument("--rss-sizes", help="calibration sizes of that check (default 128,1024)")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per quantization subprocess")
@@ -203,6 +203,9 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         p.error("--tool-methods: give at least one method")
     args.calib_size = args.calib_size or (QUICK_CALIB if args.quick else 256)
     args.latency_runs = args.latency_runs or (QUICK_RUNS if args.quick else 200)
+    for name in ("calib_size", "latency_runs", "latency_rounds", "prep_check", "batch", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.quick and args.limit is None:
         args.limit = QUICK_LIMIT
     args.rss_model = args.rss_model or (QUICK_MODEL if args.quick else "efficientnet_lite0")
@@ -550,9 +553,9 @@ def model_variants(
     for m in args.ort_methods:
         row = Row(run.name, f"ort-{m}", "ort", m)
         run.rows.append(row)
-        job = {"kind": "ort", "model": str(pre), "calib": str(calib_list)}
+        job: dict[str, Any] = {"kind": "ort", "model": str(pre), "calib": str(calib_list)}
         paths[row.variant] = quantize_variant(row, job, run, tmp, args)
-    tool = {"kind": "tool", "model": str(run.fp32_path), "calib": str(calib_list)}
+    tool: dict[str, Any] = {"kind": "tool", "model": str(run.fp32_path), "calib": str(calib_list)}
     tool.update(symmetric=False, target_bits=None)
     for m in args.tool_methods:
         row = Row(run.name, f"mq-w8a8-{m}", "tool", m)
@@ -568,29 +571,37 @@ def model_variants(
 
 
 def measure_latency(paths: dict[str, Path], x: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model, the models interleaved in blocks.
+    """Median batch-1 latency (ms) of each model, the models interleaved round by round.
 
-    Each round runs every model (in an order rotated each round) for ``SKIP`` untimed runs, then
-    ``args.latency_block`` timed ones, until ``args.latency_runs`` runs per model are timed. Blocks, not
-    single runs: onnxruntime's intra-op threads spin after a run, so a model timed right after another
-    model's run shares the cores with that model's spinning threads (measured: a 1.4 ms resnet20
-    variant read 17 ms in one run-by-run interleave).
+    Each of ``args.latency_rounds`` rounds visits every model (in an order rotated each round):
+    opens a session, runs ``args.warmup`` untimed and ``latency_runs / latency_rounds`` timed runs,
+    and closes it, so that only one session (and thread pool) exists at a time. With every session
+    open at once, the idle sessions' intra-op threads keep spinning and share the two cores with the
+    timed one (measured on resnet56: FP32 read 1.4 to 2.7 ms depending on the interleave, 1.37 ms
+    alone).
     """
-    sessions = {k: bd.make_session(p, "all", args.threads) for k, p in paths.items()}
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(args.warmup):
-            s.run(None, feeds[k])
-    keys, times = list(sessions), {k: [] for k in sessions}
-    rounds = -(-args.latency_runs // args.latency_block)
-    for i in range(rounds):
+    keys = list(paths)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    per_round = -(-args.latency_runs // args.latency_rounds)
+    for i in range(args.latency_rounds):
         for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
-            for j in range(SKIP + args.latency_block):
-                t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
-                if j >= SKIP:
-                    times[k].append(time.perf_counter() - t0)
+            times[k] += _time_runs(paths[k], x, args.warmup, per_round, args.threads)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _time_runs(path: Path, x: np.ndarray, warmup: int, runs: int, threads: int) -> list[float]:
+    """Seconds of each of ``runs`` timed runs of a fresh session, after ``warmup`` untimed ones."""
+    sess = bd.make_session(path, "all", threads)
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out.append(time.perf_counter() - t0)
+    del sess
+    return out
 
 
 def add_latency(run: ModelRun, paths: dict[str, Path], args: argparse.Namespace) -> None:
@@ -748,9 +759,9 @@ def _pair(ours: Row | None, theirs: Row | None) -> dict[str, Any]:
     if ours is None or theirs is None or ours.top1 is None or theirs.top1 is None:
         return {}
     d = 100.0 * (ours.top1 - theirs.top1)
-    lat_ok = None
-    if ours.latency_ratio is not None and theirs.latency_ratio is not None:
-        lat_ok = ours.latency_ratio <= theirs.latency_ratio
+    rel = None
+    if ours.latency_ratio is not None and theirs.latency_ratio:
+        rel = ours.latency_ratio / theirs.latency_ratio - 1.0
     return {
         "ours": ours.variant,
         "theirs": theirs.variant,
@@ -758,7 +769,9 @@ def _pair(ours: Row | None, theirs: Row | None) -> dict[str, Any]:
         "within_0_2_or_better": d >= -0.2,
         "latency_ratio_ours": ours.latency_ratio,
         "latency_ratio_theirs": theirs.latency_ratio,
-        "latency_no_worse": lat_ok,
+        "latency_rel_diff": rel,
+        "latency_no_worse": None if rel is None else rel <= 0.0,
+        "latency_within_tolerance": None if rel is None else rel <= LATENCY_TOLERANCE,
     }
 
 
@@ -771,7 +784,15 @@ def verdict(run: ModelRun) -> dict[str, Any]:
 
 def _sentence(v: dict[str, Any], what: str) -> str:
     acc = "within 0.2 pts or better" if v["within_0_2_or_better"] else "**more than 0.2 pts worse**"
-    lat = {True: "no slower", False: "**slower**", None: "not compared"}[v["latency_no_worse"]]
+    rel = v["latency_rel_diff"]
+    if rel is None:
+        lat = "not compared"
+    elif rel <= 0.0:
+        lat = f"{rel:+.1%}: no slower"
+    elif rel <= LATENCY_TOLERANCE:
+        lat = f"{rel:+.1%}: the same within {LATENCY_TOLERANCE:.0%}"
+    else:
+        lat = f"{rel:+.1%}: **slower**"
     return (
         f"{what} `{v['ours']}` vs best onnxruntime `{v['theirs']}`: {v['top1_diff_pts']:+.2f} pts top-1 "
         f"({acc}); latency {_f(v['latency_ratio_ours'], '.2f')}x vs {_f(v['latency_ratio_theirs'], '.2f')}x "
@@ -846,8 +867,9 @@ NOTES = (
     "wall time of the quantize call in its subprocess (imports, and onnxruntime's pre-processing, "
     "excluded; onnx_mixquant's includes its fusion probe). *peak RSS*: VmHWM of the whole subprocess, "
     "imports included. *latency*: median of batch-1 runs, the variants of a model interleaved in "
-    "blocks ({skip} untimed + {block} timed runs each, order rotated every round) in one process, after "
-    "warm-up; onnxruntime's default thread spinning. "
+    "{rounds} rounds, each opening one session per model in turn (order rotated every round; one "
+    "session alive at a time), {warmup} warm-up then {per_round} timed runs; onnxruntime's default "
+    "thread spinning. "
     "*integer kernels*: Conv/Gemm/MatMul nodes of the output model that onnxruntime CPU "
     "(ORT_ENABLE_ALL) turned into QLinearConv / QGemm / ... (onnx_mixquant._fusion.check_fusion)."
 )
@@ -864,12 +886,16 @@ def render_section(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[
         "",
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']} ({m['ort_provider']}, ORT_ENABLE_ALL, {m['ort_intra_op_num_threads']} "
-        f"intra-op threads; eval batch {meta['batch']}, latency batch 1, {meta['warmup']} warm-up + "
-        f"{meta['latency_runs']} timed runs per model in blocks of {meta['latency_block']}), onnx "
-        f"{m['onnx']}, numpy {m['numpy']}, "
+        f"intra-op threads; eval batch {meta['batch']}; latency batch 1, {meta['latency_runs']} timed "
+        f"runs per model), onnx {m['onnx']}, numpy {m['numpy']}, "
         f"onnx_mixquant {m['onnx_mixquant']}.",
         "",
-        NOTES.format(skip=SKIP, block=meta["latency_block"]) + f" Raw results: `{meta['json_rel']}`.",
+        NOTES.format(
+            rounds=meta["latency_rounds"],
+            warmup=meta["warmup"],
+            per_round=-(-meta["latency_runs"] // meta["latency_rounds"]),
+        )
+        + f" Raw results: `{meta['json_rel']}`.",
         "",
     ]
     for run in runs:
@@ -968,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "warmup": args.warmup,
         "latency_runs": args.latency_runs,
-        "latency_block": args.latency_block,
+        "latency_rounds": args.latency_rounds,
         "json_rel": _relative(args.json, args.out.parent) if args.out is not None and args.json else None,
     }
     if args.out is not None:

@@ -1,0 +1,759 @@
+"""Regenerate the BRECQ section of BENCHMARKS.md: nearest vs learned rounding, uniform vs MixQuant widths.
+
+Dev-only script (needs Pillow; the ``onnx_mixquant`` package never imports it). It reads the real
+models and labelled images of the benchmark folder (``../shared/bench``, see its README.md), which is
+never copied into the repository. From the repository root::
+
+    python tools/bench_recon.py                     # resnet20, W4/W3 x weight-only/A8, 16 quantizations
+    python tools/bench_recon.py --models resnet56_cifar10 --bits 4 --acts a8
+    python tools/bench_recon.py --quick             # resnet20 W4A8, 2000 eval images, 200 iterations
+
+For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
+``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
+weight bits:
+
+==================  ========================================================================
+method              configuration
+==================  ========================================================================
+uniform+nearest     every weight at B bits, nearest rounding (the plain baseline)
+mixquant+nearest    MixQuant budget rule at B average bits (parameter-weighted), nearest rounding
+uniform+brecq       every weight at B bits, BRECQ block reconstruction (learned rounding)
+mixquant+brecq      MixQuant budget rule at B average bits, then BRECQ
+==================  ========================================================================
+
+Weight grid: ``QuantizerConfig.symmetry`` is left at None, which the library resolves to asymmetric
+(uint, zero-point) weights when weight-only and symmetric (int, zero-point 0) weights with A8; the grid
+each row used is read back from the report's settings. Every quantization runs in a fresh subprocess
+(``--_one``) that reports its own peak RSS (``VmHWM``); the parent evaluates top-1 with onnxruntime
+CPU (ORT_ENABLE_ALL). Results are MERGED into ``benchmarks/recon.json`` by (model, bits, acts,
+method), each row keeping the command that produced it, and the BENCHMARKS.md section between the
+``bench:recon`` markers is rendered from every stored row, so separate invocations accumulate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _bench_data as bd
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import onnx_mixquant
+from onnx_mixquant import (
+    ActivationConfig,
+    CalibMethod,
+    ImageSpec,
+    QuantConfig,
+    Report,
+    SearchConfig,
+    SearchRule,
+    ValidateConfig,
+    quantize,
+)
+from onnx_mixquant.config import RECON_PRESETS, ReconConfig, RoundingMethod
+from onnx_mixquant.preprocess import IMAGE_SUFFIXES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECTION = "recon"
+SCHEMA = 1
+PRESET = "cpu-fast"
+METHODS: tuple[str, ...] = ("uniform+nearest", "mixquant+nearest", "uniform+brecq", "mixquant+brecq")
+ACTS: tuple[str, ...] = ("w", "a8")
+#: The accuracy goal of the summary: W4A8 MixQuant+BRECQ on this model within GOAL_PTS of FP32.
+GOAL_MODEL, GOAL_BITS, GOAL_ACTS, GOAL_PTS = "resnet20_cifar10", 4, "a8", 1.0
+QUICK_MODEL, QUICK_BITS, QUICK_ACTS, QUICK_LIMIT, QUICK_ITERS = "resnet20_cifar10", "4", "a8", 2000, 200
+#: Progress lines of a reconstruction unit: every this share of its iterations.
+PROGRESS_STEP = 0.25
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which image set a model reads and the onnx_mixquant preprocessing that matches the README."""
+
+    dataset: str
+    image_spec: ImageSpec
+
+
+CIFAR_SPEC = ImageSpec(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+IMAGENET_SPEC = ImageSpec(crop=(224, 224), scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
+MODELS: dict[str, ModelSpec] = {
+    "resnet20_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
+    "resnet56_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
+    "efficientnet_lite0": ModelSpec("imagenet", IMAGENET_SPEC),
+}
+
+
+@dataclass
+class Row:
+    """One quantized model; ``error`` is set (and top1 None) when quantization or evaluation failed."""
+
+    model: str
+    bits: int
+    acts: str
+    method: str
+    run: str = ""
+    weight_grid: str | None = None
+    top1: float | None = None
+    fp32_top1: float | None = None
+    drop_pts: float | None = None
+    eval_images: int | None = None
+    average_bits: float | None = None
+    storage_bits: float | None = None
+    output_bytes: int | None = None
+    quantize_s: float | None = None
+    recon_s: float | None = None
+    peak_rss_mb: float | None = None
+    iters_per_s: float | None = None
+    units_learned: int | None = None
+    units_total: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        """The merge key of the JSON: (model, bits, acts, method)."""
+        return (self.model, self.bits, self.acts, self.method)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line and fill in the --quick and preset defaults."""
+    iters, samples, batch = RECON_PRESETS[PRESET]
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default {QUICK_MODEL})")
+    p.add_argument("--bits", help="comma list of average weight widths (default 4,3)")
+    p.add_argument("--acts", help="comma list of activation modes: w (weight-only), a8 (default w,a8)")
+    p.add_argument("--iters", type=int, help=f"BRECQ iterations per unit (default {iters}, preset {PRESET})")
+    p.add_argument("--samples", type=int, default=samples, help=f"BRECQ samples (default {samples})")
+    p.add_argument("--batch", type=int, default=batch, help=f"BRECQ batch (default {batch})")
+    p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
+    p.add_argument("--quick", action="store_true", help="resnet20 W4A8, 2000 eval images, 200 iterations")
+    p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
+    p.add_argument("--out", type=Path, help="markdown file (default BENCHMARKS.md; --quick: none)")
+    p.add_argument("--json", type=Path, help="raw results (default benchmarks/recon.json beside --out)")
+    p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
+    p.add_argument("--child-timeout", type=int, default=7200, help="seconds per quantization subprocess")
+    p.add_argument("--_one", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._one is None:
+        _fill_defaults(p, args, iters)
+    return args
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_iters: int) -> None:
+    """Resolve --quick, validate the lists, and default the output paths."""
+    q = args.quick
+    args.models = _split(args.models or QUICK_MODEL)
+    args.bits = [int(b) for b in _split(args.bits or (QUICK_BITS if q else "4,3"))]
+    args.acts = _split(args.acts or (QUICK_ACTS if q else "w,a8"))
+    args.iters = args.iters or (QUICK_ITERS if q else preset_iters)
+    if q and args.limit is None:
+        args.limit = QUICK_LIMIT
+    for bad in [m for m in args.models if m not in MODELS]:
+        p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
+    for bad in [a for a in args.acts if a not in ACTS]:
+        p.error(f"unknown activation mode {bad!r}; choose from {', '.join(ACTS)}")
+    for bad in [b for b in args.bits if not 2 <= b <= 8]:
+        p.error(f"--bits: {bad} is not in 2..8")
+    if args.out is None and not q:
+        args.out = REPO_ROOT / "BENCHMARKS.md"
+    if args.json is None and args.out is not None:
+        args.json = args.out.parent / "benchmarks" / "recon.json"
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as it would be typed from the repository root."""
+    return shlex.join(["python", "tools/bench_recon.py", *argv])
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization subprocess
+
+
+def tool_config(spec: dict[str, Any]) -> QuantConfig:
+    """The onnx_mixquant config of one (bits, acts, method) job."""
+    bits, (search_kind, rounding) = spec["bits"], spec["method"].split("+")
+    if search_kind == "uniform":
+        search = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=bits, target_bits=None)
+    else:
+        search = SearchConfig(target_bits=float(bits))
+    brecq = rounding == "brecq"
+    recon = ReconConfig(
+        method=RoundingMethod.BRECQ if brecq else RoundingMethod.NEAREST,
+        iters=spec["iters"],
+        samples=spec["samples"],
+        batch=spec["batch"],
+    )
+    acts = ActivationConfig(
+        enabled=spec["acts"] == "a8",
+        method=CalibMethod.PERCENTILE,
+        calib_size=spec["calib_size"],
+    )
+    return QuantConfig(search=search, activations=acts, recon=recon, validate=ValidateConfig(enabled=False))
+
+
+class UnitProgress:
+    """Progress callback of quantize(): a stderr line per finished stage, a few per BRECQ unit."""
+
+    def __init__(self, label: str) -> None:
+        """Prefix every line with ``label``."""
+        self.label = label
+
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        """Log ``stage`` at its end, and every PROGRESS_STEP of a unit's iterations."""
+        step = max(1, int(total * PROGRESS_STEP))
+        if done == total or (info and done % step == 0 and done > 0):
+            bd.log(f"  [{self.label}] {stage}: {done}/{total} {info}".rstrip())
+
+
+def report_details(report: Report) -> dict[str, Any]:
+    """What the JSON keeps of an onnx_mixquant report: bits, grid, timings, BRECQ units."""
+    widths = Counter("float" if w.bits is None else f"{w.bits}b" for w in report.weights)
+    quantizer = report.settings.get("quantizer", {}) if report.settings else {}
+    out: dict[str, Any] = {
+        "average_bits": report.average_bits,
+        "storage_bits": report.storage_bits,
+        "output_bytes": report.output_bytes,
+        "weight_grid": quantizer.get("symmetry"),
+        "widths": dict(sorted(widths.items())),
+        "timings_s": dict(report.timings_s),
+        "warnings": list(report.warnings),
+        "recon": None,
+    }
+    rec = report.reconstruction
+    if rec is not None:
+        out["recon"] = {
+            "provider": rec.provider,
+            "seconds": rec.seconds,
+            "iters": rec.iters,
+            "samples": rec.samples,
+            "batch": rec.batch,
+            "granularity": rec.granularity,
+            "units": [asdict(u) for u in rec.units],
+        }
+    return out
+
+
+def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """quantize() of one job on the list of chosen calibration images."""
+    files = [Path(f) for f in Path(spec["calib"]).read_text().splitlines()]
+    cfg = tool_config(spec)
+    needs_calib = cfg.activations.enabled or cfg.recon.method is RoundingMethod.BRECQ
+    label = f"{spec['name']} W{spec['bits']} {spec['acts']} {spec['method']}"
+    t0 = time.perf_counter()
+    report = quantize(
+        spec["model"],
+        spec["out"],
+        cfg,
+        calib=files if needs_calib else None,
+        image_spec=MODELS[spec["name"]].image_spec,
+        progress=UnitProgress(label),
+    )
+    return {"quantize_s": time.perf_counter() - t0, "details": report_details(report)}
+
+
+def child_main(spec_path: Path) -> int:
+    """Entry of a ``--_one`` subprocess: run one quantization, write its result JSON."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  %(name)s: %(message)s")
+    spec = json.loads(spec_path.read_text())
+    result: dict[str, Any] = {"error": None}
+    code = 0
+    try:
+        result.update(_child_quantize(spec))
+    except Exception as e:  # recorded by the parent, which goes on with the next job
+        result["error"] = "".join(traceback.format_exception(e))
+        code = 1
+    result["vm_hwm_mb"] = vm_hwm_mb()
+    bd.write_atomic(Path(spec["result"]), json.dumps(result, default=str).encode())
+    return code
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's peak resident set size (VmHWM of /proc/self/status) in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def run_child(spec: dict[str, Any], tmp: Path, timeout: int) -> dict[str, Any]:
+    """Run one ``--_one`` subprocess and return its result JSON (``vm_hwm_mb``: its own peak RSS).
+
+    The child's own VmHWM is used because ``ru_maxrss`` of a vfork+exec child inherits the parent's
+    high-water mark (see tools/bench_static.py).
+    """
+    spec_path = tmp / f"spec_{time.monotonic_ns()}.json"
+    spec["result"] = str(spec_path.with_suffix(".result.json"))
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(spec_path)]
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, cwd=REPO_ROOT)
+    try:
+        why = f"exit status {proc.wait(timeout=timeout)}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        why = f"killed after the {timeout} s timeout"
+    result_path = Path(spec["result"])
+    if not result_path.is_file():
+        return {"error": f"quantization subprocess died ({why}; out of memory?)"}
+    return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# one model
+
+
+def choose_calib(folder: Path, size: int, seed: int) -> list[Path]:
+    """A seeded sample of ``size`` images of ``folder`` (read recursively), in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images under {folder}")
+    if size >= len(files):
+        return files
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in np.sort(rng.choice(len(files), size=size, replace=False))]
+
+
+def _recon_stats(row: Row, recon: dict[str, Any] | None) -> None:
+    """Median iterations/s over the trained units and the learned / total unit counts."""
+    if recon is None:
+        return
+    units = recon["units"]
+    rates = [u["iters_per_second"] for u in units if u["iters"] > 0 and u["iters_per_second"] > 0]
+    row.iters_per_s = statistics.median(rates) if rates else None
+    row.units_learned = sum(u["rounding"] == "learned" for u in units)
+    row.units_total = len(units)
+    row.recon_s = recon["seconds"]
+
+
+def fill_from_result(row: Row, result: dict[str, Any]) -> None:
+    """Copy a child's result into ``row``; raises when the child failed."""
+    row.peak_rss_mb = result.get("vm_hwm_mb")
+    if result.get("error"):
+        raise RuntimeError(f"quantization failed in the subprocess:\n{result['error']}")
+    d = result["details"]
+    row.details = d
+    row.quantize_s = result["quantize_s"]
+    row.average_bits, row.storage_bits = d["average_bits"], d["storage_bits"]
+    row.output_bytes, row.weight_grid = d["output_bytes"], d["weight_grid"]
+    _recon_stats(row, d["recon"])
+
+
+def run_job(row: Row, job: dict[str, Any], data: bd.EvalSet, tmp: Path, args: argparse.Namespace) -> None:
+    """Quantize (subprocess) and evaluate one row; failures go into ``row.error``."""
+    label = f"{row.model} W{row.bits} {row.acts} {row.method}"
+    out = tmp / f"{row.model}.w{row.bits}.{row.acts}.{row.method.replace('+', '-')}.onnx"
+    bd.log(f"[{label}] quantizing (subprocess)")
+    try:
+        fill_from_result(row, run_child({**job, "out": str(out)}, tmp, args.child_timeout))
+        bd.log(f"[{label}] quantized in {row.quantize_s:.1f} s, peak RSS {_f(row.peak_rss_mb, '.0f')} MB")
+        row.top1 = bd.top1(bd.make_session(out, "all", args.threads), data, args.eval_batch, label)
+        row.drop_pts = None if row.fp32_top1 is None else 100.0 * (row.top1 - row.fp32_top1)
+    except Exception as e:  # the bench records library failures and goes on with the next job
+        row.error = "".join(traceback.format_exception(e))
+        bd.log(f"[{label}] FAILED:\n{row.error}")
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[str, Any]:
+    """The settings a row records (what its numbers depend on besides bits and method)."""
+    return {
+        "iters": args.iters,
+        "samples": args.samples,
+        "batch": args.batch,
+        "calib_images": calib_count,
+        "act_calib_method": CalibMethod.PERCENTILE.value if acts == "a8" else None,
+        "seed": args.seed,
+        "eval_limit": args.limit,
+    }
+
+
+def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any]) -> list[Row]:
+    """FP32 and every (bits, acts, method) job of one model; rows are merged and saved per group."""
+    spec = MODELS[name]
+    data = bd.subset(bd.load_eval_set(args.bench_dir, spec.dataset, args.cache_dir), args.limit)
+    model_path = args.bench_dir / "models" / f"{name}.onnx"
+    bd.log(f"[{name} fp32] evaluating on {len(data.y)} images")
+    fp32 = bd.top1(bd.make_session(model_path, "all", args.threads), data, args.eval_batch, f"{name} fp32")
+    ctx["fp32"][name] = {"top1": fp32, "eval_images": int(len(data.y)), "run": ctx["run_id"]}
+    folder = args.bench_dir / "data" / spec.dataset / "calib"
+    files = choose_calib(folder, max(args.calib_size, args.samples), args.seed)
+    calib_list = tmp / f"{name}.calib.txt"
+    calib_list.write_text("\n".join(str(f) for f in files))
+    rows: list[Row] = []
+    for bits in args.bits:
+        for acts in args.acts:
+            group = [Row(name, bits, acts, m, ctx["run_id"], fp32_top1=fp32) for m in METHODS]
+            for row in group:
+                row.eval_images, row.settings = int(len(data.y)), job_settings(args, acts, len(files))
+                job = {"name": name, "model": str(model_path), "calib": str(calib_list)}
+                job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
+                job.update(iters=args.iters, samples=args.samples, batch=args.batch)
+                run_job(row, job, data, tmp, args)
+            rows += group
+            ctx["save"](group)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# merged results
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and with what the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "onnx_mixquant": onnx_mixquant.__version__,
+        "eval_ort": f"CPUExecutionProvider, ORT_ENABLE_ALL, {args.threads} intra-op threads",
+    }
+
+
+def load_doc(path: Path | None) -> dict[str, Any]:
+    """The stored results (an empty document when the file is absent)."""
+    if path is not None and path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("schema") == SCHEMA:
+            return doc
+        bd.log(f"{path}: schema {doc.get('schema')!r} is not {SCHEMA}; starting a new document")
+    return {"schema": SCHEMA, "section": SECTION, "runs": {}, "fp32": {}, "rows": []}
+
+
+def merge_rows(doc: dict[str, Any], rows: list[Row], run: dict[str, Any], fp32: dict[str, Any]) -> None:
+    """Replace the stored rows of the same (model, bits, acts, method), then drop unreferenced runs."""
+    fresh = {r.key: asdict(r) for r in rows}
+    kept = [r for r in doc["rows"] if (r["model"], r["bits"], r["acts"], r["method"]) not in fresh]
+    doc["rows"] = sorted([*kept, *fresh.values()], key=_row_order)
+    doc["runs"][run["id"]] = run
+    doc["fp32"].update(fp32)
+    used = {r["run"] for r in doc["rows"]} | {v["run"] for v in doc["fp32"].values()}
+    doc["runs"] = {k: v for k, v in doc["runs"].items() if k in used}
+
+
+def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
+    model = list(MODELS).index(r["model"]) if r["model"] in MODELS else len(MODELS)
+    acts = ACTS.index(r["acts"]) if r["acts"] in ACTS else len(ACTS)
+    method = METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS)
+    return (model, r["model"], -r["bits"], acts, method)
+
+
+def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
+    """Raw JSON and the BENCHMARKS.md section, both written atomically."""
+    bd.write_atomic(args.json, (json.dumps(doc, indent=2, default=str) + "\n").encode())
+    out: Path = args.out
+    old = out.read_text(encoding="utf-8") if out.is_file() else None
+    text = render_section(doc, _relative(args.json, out.parent))
+    bd.write_atomic(out, bd.merge_section(old, text, SECTION).encode())
+    bd.log(f"wrote {out} and {args.json}")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _grid(r: dict[str, Any]) -> str:
+    g = r.get("weight_grid")
+    return {"asymmetric": "asym", "symmetric": "sym"}.get(g, g or "-")
+
+
+TABLE_HEAD = [
+    "W bits",
+    "acts",
+    "method",
+    "weight grid",
+    "top-1",
+    "vs FP32 (pts)",
+    "avg / stored bits",
+    "quantize s",
+    "peak RSS MB",
+    "BRECQ it/s (median unit)",
+    "units learned",
+    "run",
+]
+
+
+def row_cells(r: dict[str, Any], run_no: dict[str, int]) -> list[str]:
+    """Markdown cells of one stored row."""
+    head = [f"W{r['bits']}", "A8" if r["acts"] == "a8" else "W-only", r["method"]]
+    run = f"[{run_no.get(r['run'], '?')}]"
+    if r.get("error"):
+        last = r["error"].strip().splitlines()[-1].replace("|", "\\|")
+        return [*head, "-", f"error: {last}", *["-"] * (len(TABLE_HEAD) - 6), run]
+    units = "-" if r.get("units_total") is None else f"{r['units_learned']}/{r['units_total']}"
+    return [
+        *head,
+        _grid(r),
+        _f(r.get("top1"), ".4f"),
+        _f(r.get("drop_pts"), "+.2f"),
+        f"{_f(r.get('average_bits'), '.2f')} / {_f(r.get('storage_bits'), '.2f')}",
+        _f(r.get("quantize_s"), ".1f"),
+        _f(r.get("peak_rss_mb"), ".0f"),
+        _f(r.get("iters_per_s"), ".1f"),
+        units,
+        run,
+    ]
+
+
+def _top1(rows: dict[str, dict[str, Any]], method: str) -> float | None:
+    r = rows.get(method)
+    return None if r is None or r.get("error") else r.get("top1")
+
+
+def _vs(a: float | None, b: float | None, what: str) -> str:
+    """'what: +x.xx pts (yes/no)' for a - b, or 'not measured'."""
+    if a is None or b is None:
+        return f"{what}: not measured"
+    d = 100.0 * (a - b)
+    return f"{what}: {d:+.2f} pts ({'yes' if d > 0 else 'no'})"
+
+
+def group_summary(model: str, bits: int, acts: str, rows: dict[str, dict[str, Any]]) -> str:
+    """One summary line of a (model, bits, acts) group."""
+    t = {m: _top1(rows, m) for m in METHODS}
+    parts = [
+        _vs(t["mixquant+brecq"], t["uniform+brecq"], "MixQuant+BRECQ beats BRECQ alone"),
+        _vs(t["uniform+brecq"], t["uniform+nearest"], "BRECQ beats nearest, uniform"),
+        _vs(t["mixquant+brecq"], t["mixquant+nearest"], "BRECQ beats nearest, MixQuant"),
+    ]
+    label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}"
+    return f"- **{model} {label}**: " + "; ".join(parts) + "."
+
+
+def goal_line(rows: list[dict[str, Any]]) -> str | None:
+    """The W4A8 MixQuant+BRECQ goal on resnet20: within 1.0 point of FP32, and in how many minutes."""
+    key = (GOAL_MODEL, GOAL_BITS, GOAL_ACTS, "mixquant+brecq")
+    r = next((x for x in rows if (x["model"], x["bits"], x["acts"], x["method"]) == key), None)
+    if r is None:
+        return None
+    if r.get("error") or r.get("drop_pts") is None:
+        return f"**Goal ({GOAL_MODEL} W4A8 MixQuant+BRECQ within {GOAL_PTS:.1f} pt of FP32)**: failed."
+    ok = r["drop_pts"] >= -GOAL_PTS
+    return (
+        f"**Goal ({GOAL_MODEL} W4A8 MixQuant+BRECQ within {GOAL_PTS:.1f} pt of FP32)**: "
+        f"{'met' if ok else 'NOT met'}: top-1 {r['top1']:.4f} vs FP32 {r['fp32_top1']:.4f} "
+        f"({r['drop_pts']:+.2f} pts) in {r['quantize_s'] / 60.0:.1f} min of quantization "
+        f"({r['settings'].get('iters')} iterations per unit; peer reference: AIMET-ONNX AdaRound W4A8 "
+        f"0.8059 in 535 s = 8.9 min, shared/bench/README.md)."
+    )
+
+
+def model_block(
+    model: str, rows: list[dict[str, Any]], doc: dict[str, Any], run_no: dict[str, int]
+) -> list[str]:
+    """One model's heading, table and summaries."""
+    fp = doc["fp32"].get(model, {})
+    fp_txt = f"FP32 top-1 {_f(fp.get('top1'), '.4f')} on {fp.get('eval_images', '?')} eval images"
+    lines = [f"### {model}", "", f"{fp_txt} (run [{run_no.get(fp.get('run'), '?')}]).", ""]
+    lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in rows]
+    lines += ["", "Summary:", ""]
+    groups: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["bits"], r["acts"]), {})[r["method"]] = r
+    lines += [group_summary(model, b, a, g) for (b, a), g in groups.items()]
+    return [*lines, ""]
+
+
+NOTES = (
+    "Methods, all at the same average weight bits B: *uniform* = every weight at B bits; *mixquant* = "
+    "MixQuant budget rule at B parameter-weighted average bits (widths 2..8, each priced at its "
+    "container for *stored bits*); *nearest* = round to nearest; *brecq* = BRECQ block reconstruction "
+    "(AdaRound-style learned rounding per residual block, units whose learned rounding does not lower "
+    "the held-out reconstruction error keep nearest rounding). *weight grid*: per-channel min-max; "
+    "`QuantizerConfig.symmetry` left at None resolves to asymmetric (uint, zero-point) weights when "
+    "weight-only and to symmetric (int, zero-point 0) weights with A8; the column is read back from "
+    "each report's resolved settings. *A8*: 8-bit uint activations, per tensor, percentile calibration "
+    "(99.999 %) on the calibration images; *W-only*: float activations. Calibration: a seeded sample of "
+    "the model's calibration folder (max(--calib-size, --samples) images); BRECQ uses the first "
+    "--samples of them. *top-1*: onnxruntime CPU, ORT_ENABLE_ALL. *quantize s*: wall time of "
+    "`onnx_mixquant.quantize` in a fresh subprocess (imports excluded); *peak RSS*: that subprocess's "
+    "VmHWM, imports included. *BRECQ it/s*: median over the trained units of iterations per second; "
+    "*units learned*: units that kept learned rounding / all units."
+)
+
+
+def run_lines(doc: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """The numbered list of runs that produced the stored rows, and run id -> number."""
+    run_no, lines = {}, []
+    for i, (rid, run) in enumerate(sorted(doc["runs"].items(), key=lambda kv: kv[1]["date"]), start=1):
+        run_no[rid] = i
+        m, s = run["machine"], run["settings"]
+        total = "unfinished" if run.get("total_s") is None else f"total {run['total_s'] / 60.0:.1f} min"
+        lines.append(
+            f"{i}. `{run['command']}` on {run['date']} ({total}; BRECQ {s['iters']} iterations per unit, "
+            f"{s['samples']} samples, batch {s['batch']}; eval images {s['eval_limit'] or 'all'}). "
+            f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
+            f"{m['onnxruntime']} ({m['eval_ort']}), onnx {m['onnx']}, numpy {m['numpy']}, "
+            f"onnx_mixquant {m['onnx_mixquant']}."
+        )
+    return lines, run_no
+
+
+def render_section(doc: dict[str, Any], json_rel: str) -> str:
+    """The whole BENCHMARKS.md section (markers included), from every stored row."""
+    runs, run_no = run_lines(doc)
+    lines = [
+        bd.mark(SECTION, "start"),
+        "## BRECQ block reconstruction vs nearest rounding, uniform vs MixQuant widths",
+        "",
+        "Produced by these runs of `tools/bench_recon.py` (each row names its run; later runs replace "
+        f"rows of the same model, bits, activations and method). Raw results: `{json_rel}`.",
+        "",
+        *runs,
+        "",
+        NOTES,
+        "",
+    ]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in doc["rows"]:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, rows in by_model.items():
+        lines += model_block(model, rows, doc, run_no)
+    goal = goal_line(doc["rows"])
+    if goal is not None:
+        lines += [goal, ""]
+    return "\n".join([*lines, bd.mark(SECTION, "end")]) + "\n"
+
+
+def stdout_table(rows: list[Row]) -> str:
+    """A compact fixed-width table of this invocation's rows."""
+    head = (
+        f"{'model':<17} {'W':>2} {'acts':<4} {'method':<17} {'grid':<5} {'top-1':>7} {'dpts':>6} "
+        f"{'bits':>11} {'q s':>7} {'RSS MB':>7} {'it/s':>6} {'learned':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        d = asdict(r)
+        units = "-" if r.units_total is None else f"{r.units_learned}/{r.units_total}"
+        lines.append(
+            f"{r.model:<17} {r.bits:>2} {r.acts:<4} {r.method:<17} {_grid(d):<5} "
+            f"{'ERROR' if r.error else _f(r.top1, '.4f'):>7} {_f(r.drop_pts, '+.2f'):>6} "
+            f"{_f(r.average_bits, '.2f') + '/' + _f(r.storage_bits, '.2f'):>11} {_f(r.quantize_s, '.1f'):>7} "
+            f"{_f(r.peak_rss_mb, '.0f'):>7} {_f(r.iters_per_s, '.1f'):>6} {units:>7}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def make_context(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The run record, the FP32 results, and the per-group save callback (merge + write)."""
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    run = {
+        "id": started,
+        "command": command_line(argv),
+        "date": started,
+        "total_s": None,
+        "machine": machine_info(args),
+        "settings": {k: getattr(args, k) for k in ("iters", "samples", "batch", "calib_size", "seed")}
+        | {"eval_limit": args.limit, "preset": PRESET},
+    }
+    ctx: dict[str, Any] = {"run_id": started, "run": run, "fp32": {}, "rows": []}
+
+    def save(group: list[Row]) -> None:
+        ctx["rows"] += group
+        if args.out is not None:
+            doc = load_doc(args.json)
+            merge_rows(doc, group, run, ctx["fp32"])
+            write_outputs(doc, args)
+
+    ctx["save"] = save
+    return ctx
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit status 1 when any quantization or evaluation failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args._one is not None:
+        return child_main(args._one)
+    t0 = time.perf_counter()
+    ctx = make_context(argv, args)
+    with tempfile.TemporaryDirectory(prefix="mixquant-bench-recon-") as tmp:
+        rows = [r for name in args.models for r in run_model(name, Path(tmp), args, ctx)]
+    ctx["run"]["total_s"] = time.perf_counter() - t0
+    ctx["save"]([])  # records the total time of the run
+    print(stdout_table(rows))
+    doc: dict[str, Any] = {"rows": [asdict(r) for r in rows], "fp32": ctx["fp32"]}
+    for line in summaries(doc):
+        print(line)
+    print(f"total {ctx['run']['total_s']:.1f} s")
+    failed = [f"{r.model} W{r.bits} {r.acts} {r.method}" for r in rows if r.error]
+    if failed:
+        bd.log(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def summaries(doc: dict[str, Any]) -> list[str]:
+    """The group summary lines (and the goal line) of ``doc['rows']``."""
+    groups: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
+    for r in doc["rows"]:
+        groups.setdefault((r["model"], r["bits"], r["acts"]), {})[r["method"]] = r
+    lines = [group_summary(m, b, a, g) for (m, b, a), g in groups.items()]
+    goal = goal_line(doc["rows"])
+    return lines if goal is None else [*lines, goal]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
