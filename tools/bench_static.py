@@ -17,12 +17,12 @@ fp32                  the unquantized model
 ort-<method>          onnxruntime ``quantize_static`` W8A8: QDQ, per-channel, activations QUInt8,
                       weights QInt8, calibrate_method MinMax / Percentile / Entropy / Distribution,
                       after ``quant_pre_process`` (as onnxruntime recommends)
-mq-w8a8-<method>      onnx_mixquant uniform 8-bit weights (asymmetric per-channel) + 8-bit
+mq-w8a8-<method>      onnx_mixquant uniform 8-bit weights (its default with A8: symmetric int8) + 8-bit
                       activations calibrated with minmax / percentile / mse on the tool's own
                       image preprocessing graph
 mq-w4a8-<best>        onnx_mixquant MixQuant budget rule at 4.0 average weight bits + A8, with the
                       best onnx_mixquant activation method of the W8A8 rows
-mq-w8a8-sym-<best>    as mq-w8a8-<best> with symmetric (int8) weights, like onnxruntime's QInt8
+mq-w8a8-asym-<best>   as mq-w8a8-<best> with asymmetric (uint8 + zero point) weights
 ====================  ========================================================================
 
 Every quantization runs in a fresh subprocess (``--_one``), which reports its own peak RSS
@@ -350,14 +350,18 @@ def _child_ort(spec: dict[str, Any]) -> dict[str, Any]:
     return {"quantize_s": time.perf_counter() - t0, "details": {"images_fed": reader.fed}}
 
 
-def tool_config(method: str, calib_size: int, symmetric: bool, target_bits: float | None) -> QuantConfig:
+def tool_config(
+    method: str, calib_size: int, symmetric: bool | None, target_bits: float | None
+) -> QuantConfig:
     """The onnx_mixquant config of one W8A8 (target_bits None) or MixQuant W?A8 variant."""
     if target_bits is None:
         search = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=8, target_bits=None)
     else:
         search = SearchConfig(target_bits=target_bits)
     return QuantConfig(
-        quantizer=QuantizerConfig(symmetry=Symmetry.SYMMETRIC if symmetric else Symmetry.ASYMMETRIC),
+        quantizer=QuantizerConfig(
+            symmetry=None if symmetric is None else Symmetry.SYMMETRIC if symmetric else Symmetry.ASYMMETRIC
+        ),
         search=search,
         activations=ActivationConfig(enabled=True, method=TOOL_METHODS[method], calib_size=calib_size),
         validate=ValidateConfig(enabled=False),
@@ -539,7 +543,7 @@ def best_of(rows: list[Row], family: str, prefix: str = "") -> Row | None:
         for r in rows
         if r.family == family
         and r.variant.startswith(prefix)
-        and "-sym-" not in r.variant
+        and "-asym-" not in r.variant
         and r.top1 is not None
     ]
     return max(ok, key=lambda r: r.top1 or 0.0) if ok else None
@@ -556,14 +560,17 @@ def model_variants(
         job: dict[str, Any] = {"kind": "ort", "model": str(pre), "calib": str(calib_list)}
         paths[row.variant] = quantize_variant(row, job, run, tmp, args)
     tool: dict[str, Any] = {"kind": "tool", "model": str(run.fp32_path), "calib": str(calib_list)}
-    tool.update(symmetric=False, target_bits=None)
+    tool.update(symmetric=None, target_bits=None)  # None: the tool's default grid
     for m in args.tool_methods:
         row = Row(run.name, f"mq-w8a8-{m}", "tool", m)
         run.rows.append(row)
         paths[row.variant] = quantize_variant(row, dict(tool), run, tmp, args)
     best = best_of(run.rows, "tool", "mq-w8a8-")
     m = best.calib_method if best is not None and best.calib_method else args.tool_methods[0]
-    for variant, extra in ((f"mq-w4a8-{m}", {"target_bits": 4.0}), (f"mq-w8a8-sym-{m}", {"symmetric": True})):
+    for variant, extra in (
+        (f"mq-w4a8-{m}", {"target_bits": 4.0}),
+        (f"mq-w8a8-asym-{m}", {"symmetric": False}),
+    ):
         row = Row(run.name, variant, "tool", m)
         run.rows.append(row)
         paths[variant] = quantize_variant(row, {**tool, **extra}, run, tmp, args)
@@ -776,10 +783,10 @@ def _pair(ours: Row | None, theirs: Row | None) -> dict[str, Any]:
 
 
 def verdict(run: ModelRun) -> dict[str, Any]:
-    """Best onnx_mixquant W8A8 (and its symmetric-weight twin) vs the best onnxruntime W8A8."""
+    """Best onnx_mixquant W8A8 (and its asymmetric-weight twin) vs the best onnxruntime W8A8."""
     ours, theirs = best_of(run.rows, "tool", "mq-w8a8-"), best_of(run.rows, "ort")
-    sym = next((r for r in run.rows if r.variant.startswith("mq-w8a8-sym-")), None)
-    return {"best": _pair(ours, theirs), "symmetric_weights": _pair(sym, theirs)}
+    asym = next((r for r in run.rows if r.variant.startswith("mq-w8a8-asym-")), None)
+    return {"best": _pair(ours, theirs), "asymmetric_weights": _pair(asym, theirs)}
 
 
 def _sentence(v: dict[str, Any], what: str) -> str:
@@ -806,8 +813,8 @@ def summary_line(run: ModelRun) -> str:
     parts = []
     if v["best"]:
         parts.append(_sentence(v["best"], "best onnx_mixquant W8A8"))
-    if v["symmetric_weights"]:
-        parts.append(_sentence(v["symmetric_weights"], "with symmetric int8 weights"))
+    if v["asymmetric_weights"]:
+        parts.append(_sentence(v["asymmetric_weights"], "with asymmetric uint8 weights"))
     return "Summary: " + ("; ".join(parts) if parts else "no complete onnx_mixquant / onnxruntime pair") + "."
 
 
@@ -861,9 +868,11 @@ NOTES = (
     "Add, Clip, pooling etc.), on the model `quant_pre_process` wrote, fed by a CalibrationDataReader "
     "over the chosen images with the README's (Pillow) preprocessing, batches of 16. mq-*: "
     "`onnx_mixquant.quantize(..., calib=[the same image files], image_spec=...)`: the tool decodes "
-    "them with its own preprocessing graph; w8a8 = uniform 8-bit asymmetric weights, w4a8 = MixQuant "
-    "budget rule at 4.0 average weight bits, sym = symmetric int8 weights; the suffix is the activation "
-    "calibration method (w4a8 / sym use the best mq-w8a8 method, picked on eval top-1). *quantize s*: "
+    "them with its own preprocessing graph; w8a8 = uniform 8-bit weights on the tool's default grid "
+    "with A8 (symmetric int8), w4a8 = MixQuant "
+    "budget rule at 4.0 average weight bits, asym = asymmetric uint8 weights with zero points; "
+    "the suffix is the activation "
+    "calibration method (w4a8 / asym use the best mq-w8a8 method, picked on eval top-1). *quantize s*: "
     "wall time of the quantize call in its subprocess (imports, and onnxruntime's pre-processing, "
     "excluded; onnx_mixquant's includes its fusion probe). *peak RSS*: VmHWM of the whole subprocess, "
     "imports included. *latency*: median of batch-1 runs, the variants of a model interleaved in "
