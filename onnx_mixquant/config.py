@@ -226,7 +226,8 @@ class ActivationConfig:
     """Static activation quantization (needs calibration data)."""
 
     enabled: bool = False
-    method: CalibMethod = CalibMethod.MINMAX
+    #: Percentile was the best of the three on two of the three bench models (BENCHMARKS.md).
+    method: CalibMethod = CalibMethod.PERCENTILE
     #: PERCENTILE keeps this share (in %) of the values inside the range.
     percentile: float = 99.999
     #: Histogram bins for PERCENTILE and MSE.

@@ -44,7 +44,7 @@ def test_demo_model_end_to_end(runner: CliRunner, tmp_path: Path) -> None:
     )  # the README's first command
     assert res.exit_code == 0, res.output
     assert "validation on 540 samples" in res.output
-    assert "activations: UINT8 minmax ranges from 256 samples" in res.output
+    assert "activations: UINT8 percentile ranges from 256 samples" in res.output
     data = json.loads(report.read_text())
     assert data["output_written"] is True
     assert 3.5 <= data["average_bits"] <= 4.0
@@ -268,7 +268,7 @@ def test_calibrated_w8a8_fuses_and_reports(runner: CliRunner, tmp_path: Path) ->
     assert res.exit_code == 0, res.output
     data = json.loads(report.read_text())
     acts = data["activations"]
-    assert acts["num_samples"] == 64 and acts["dtype"] == "UINT8" and acts["method"] == "minmax"
+    assert acts["num_samples"] == 64 and acts["dtype"] == "UINT8" and acts["method"] == "percentile"
     assert set(acts["fusion"]["fused"].values()) >= {"QLinearConv"} and acts["fusion"]["unfused"] == {}
     assert data["validation"]["runs"][0]["top1_quant"] >= 0.96
     assert "6 of 6 quantized Conv/Gemm/MatMul fused" in res.output
