@@ -20,16 +20,21 @@ import csv
 import hashlib
 import io
 import os
+import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from PIL import Image
+
+import onnx_mixquant
 
 #: Bump when a preprocessing function changes, so stale caches are not reused.
 PREP_VERSION = 2
@@ -196,3 +201,26 @@ def merge_section(old: str | None, text: str, section: str) -> str:
     if start < 0 or end < start:
         return old.rstrip("\n") + "\n\n" + text
     return old[:start] + text.rstrip("\n") + old[end + len(mark(section, "end")) :]
+
+
+def machine_facts() -> dict[str, Any]:
+    """Where and with what the numbers were measured (the part every benchmark records)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "onnx_mixquant": onnx_mixquant.__version__,
+        "ort_provider": "CPUExecutionProvider",
+    }

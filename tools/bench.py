@@ -31,8 +31,6 @@ import collections
 import datetime
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -43,11 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import _bench_data as bd
-import numpy as np
-import onnx
-import onnxruntime as ort
 
-import onnx_mixquant
 from onnx_mixquant import (
     QemReference,
     QuantConfig,
@@ -381,24 +375,8 @@ def _f(x: float | None, fmt: str) -> str:
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "onnx_mixquant": onnx_mixquant.__version__,
-        "ort_provider": "CPUExecutionProvider",
+        **bd.machine_facts(),
         "ort_graph_optimization_level": str(bd.ORT_LEVELS[args.ort_level]).split(".")[-1],
         "ort_intra_op_num_threads": args.threads,
         "batch": args.batch,

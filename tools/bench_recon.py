@@ -36,8 +36,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -52,10 +50,7 @@ from typing import Any
 
 import _bench_data as bd
 import numpy as np
-import onnx
-import onnxruntime as ort
 
-import onnx_mixquant
 from onnx_mixquant import (
     ActivationConfig,
     CalibMethod,
@@ -436,23 +431,8 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "onnx_mixquant": onnx_mixquant.__version__,
+        **{k: v for k, v in bd.machine_facts().items() if k != "ort_provider"},
         "eval_ort": f"CPUExecutionProvider, ORT_ENABLE_ALL, {args.threads} intra-op threads",
     }
 

@@ -38,8 +38,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -60,7 +58,6 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image
 
-import onnx_mixquant
 from onnx_mixquant import (
     ActivationConfig,
     CalibMethod,
@@ -687,24 +684,8 @@ def _f(x: float | None, fmt: str) -> str:
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-        "onnx_mixquant": onnx_mixquant.__version__,
-        "ort_provider": "CPUExecutionProvider",
+        **bd.machine_facts(),
         "ort_intra_op_num_threads": args.threads,
     }
 
