@@ -334,8 +334,9 @@ def _ask_dim(input_name: str, dim: str) -> int:
 @click.option(
     "--symmetry",
     type=click.Choice([s.value for s in Symmetry]),
-    help="Weight grid. Default: symmetric (int8) with 8-bit activations, where onnxruntime's integer "
-    "kernels are fastest with it; asymmetric (uint8 + zero point) for weight-only models.",
+    help="Weight grid. Default with 8-bit activations: symmetric-int8 (symmetric int8 for widths 5-8, "
+    "where onnxruntime's integer kernels are fastest with it; asymmetric for 2-4 bits, never fused); "
+    "asymmetric (uint + zero point) for weight-only models.",
 )
 @click.option(
     "--granularity",

@@ -44,10 +44,23 @@ MAX_BITS = 8
 
 
 class Symmetry(enum.Enum):
-    """Asymmetric: unsigned range with a zero-point. Symmetric: signed range, zero-point 0."""
+    """Asymmetric: unsigned range with a zero-point. Symmetric: signed range, zero-point 0.
+
+    ``SYMMETRIC_INT8``: symmetric for the widths stored in 8-bit containers (5-8 bits), which
+    onnxruntime fuses into integer kernels (fastest with int8 weights), asymmetric for the widths
+    stored in 4- or 2-bit containers (2-4 bits), which it runs as DequantizeLinear + float op anyway:
+    there a zero point costs nothing, and a symmetric 2-bit grid has only three useful levels.
+    """
 
     ASYMMETRIC = "asymmetric"
     SYMMETRIC = "symmetric"
+    SYMMETRIC_INT8 = "symmetric-int8"
+
+    def symmetric_at(self, bits: int) -> bool:
+        """True when weights of width ``bits`` use the signed, zero-point-0 grid."""
+        if self is Symmetry.SYMMETRIC_INT8:
+            return bits > 4
+        return self is Symmetry.SYMMETRIC
 
 
 class Granularity(enum.Enum):
@@ -122,13 +135,18 @@ class WeightOverride:
 class QuantizerConfig:
     """The base weight quantizer (used by the error table and by the rounding stage)."""
 
-    #: None: symmetric (int8) when activations are quantized -- onnxruntime's QLinearConv is several
-    #: times slower with uint8 weights with zero points (measured, BENCHMARKS.md) -- else asymmetric.
+    #: None: ``SYMMETRIC_INT8`` when activations are quantized -- onnxruntime's QLinearConv is several
+    #: times slower with uint8 weights with zero points (measured, BENCHMARKS.md), and widths in 4/2-bit
+    #: containers are never fused, so they keep the more accurate asymmetric grid -- else asymmetric.
     symmetry: Symmetry | None = None
     granularity: Granularity = Granularity.PER_CHANNEL
     scale_method: ScaleMethod = ScaleMethod.MINMAX
     mse_p: float = 2.4
     mse_steps: int = 80
+
+    def symmetric_at(self, bits: int) -> bool:
+        """True when weights of width ``bits`` get the symmetric grid (None counts as asymmetric)."""
+        return self.symmetry is not None and self.symmetry.symmetric_at(bits)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mse_p) and self.mse_p > 0):

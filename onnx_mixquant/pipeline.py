@@ -162,7 +162,7 @@ def quantize(
 def resolve_config(cfg: QuantConfig) -> QuantConfig:
     """Fill in the settings whose default depends on others (weight symmetry: see QuantizerConfig)."""
     if cfg.quantizer.symmetry is None:
-        sym = Symmetry.SYMMETRIC if cfg.activations.enabled else Symmetry.ASYMMETRIC
+        sym = Symmetry.SYMMETRIC_INT8 if cfg.activations.enabled else Symmetry.ASYMMETRIC
         cfg = replace(cfg, quantizer=replace(cfg.quantizer, symmetry=sym))
     return cfg
 

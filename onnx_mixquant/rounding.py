@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_mixquant.config import Granularity, QuantizerConfig, Symmetry
+from onnx_mixquant.config import Granularity, QuantizerConfig
 from onnx_mixquant.numerics import QParams, choose_qparams, quantize
 
 __all__ = ["QuantizedWeight", "round_nearest"]
@@ -58,7 +58,7 @@ def round_nearest(
         qp = choose_qparams(
             weights[name],
             b,
-            symmetric=quantizer.symmetry is Symmetry.SYMMETRIC,
+            symmetric=quantizer.symmetric_at(b),
             axis=axis,
             method=quantizer.scale_method,
             p=quantizer.mse_p,

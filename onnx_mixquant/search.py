@@ -31,7 +31,6 @@ from onnx_mixquant.config import (
     QuantizerConfig,
     SearchConfig,
     SearchRule,
-    Symmetry,
 )
 from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.numerics import check_finite, roundoff_errors
@@ -125,15 +124,18 @@ def build_error_table(
         w = weights[name]
         check_finite(name, w)
         axis = axes.get(name) if quantizer.granularity is Granularity.PER_CHANNEL else None
-        mse[i] = roundoff_errors(
-            w,
-            bits,
-            symmetric=quantizer.symmetry is Symmetry.SYMMETRIC,
-            axis=axis,
-            method=quantizer.scale_method,
-            p=quantizer.mse_p,
-            steps=quantizer.mse_steps,
-        )
+        for symmetric in (False, True):  # one pass per grid (SYMMETRIC_INT8 mixes them by width)
+            cols = [j for j, b in enumerate(bits) if quantizer.symmetric_at(b) is symmetric]
+            if cols:
+                mse[i, cols] = roundoff_errors(
+                    w,
+                    [bits[j] for j in cols],
+                    symmetric=symmetric,
+                    axis=axis,
+                    method=quantizer.scale_method,
+                    p=quantizer.mse_p,
+                    steps=quantizer.mse_steps,
+                )
         energy[i] = float(np.mean(np.square(w, dtype=np.float64))) if w.size else 0.0
         sizes[i] = w.size
         if progress is not None:

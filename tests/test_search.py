@@ -220,3 +220,37 @@ def test_config_rejects_bad_values() -> None:
         SearchConfig(rule=SearchRule.QEM, qem=0.5)
     with pytest.raises(ConfigError, match="regular expression"):
         WeightOverride("re:(", 4)
+
+
+def test_symmetric_int8_grid_is_asymmetric_below_five_bits() -> None:
+    """SYMMETRIC_INT8: widths in 8-bit containers symmetric, in 4/2-bit containers asymmetric; the
+    error table and the rounding stage use the same grid per width."""
+    from onnx_mixquant.config import Symmetry
+    from onnx_mixquant.rounding import round_nearest
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((4, 3, 3, 3)) + 0.7).astype(np.float32)  # skewed: the grids differ
+    mixed = QuantizerConfig(symmetry=Symmetry.SYMMETRIC_INT8)
+    assert [mixed.symmetric_at(b) for b in BITS] == [False, False, False, True, True, True, True]
+    table = build_error_table({"w": w}, {"w": 0}, mixed, BITS)
+    for j, b in enumerate(BITS):
+        sym = b > 4
+        want = roundoff_error(w, choose_qparams(w, b, symmetric=sym, axis=0))
+        other = roundoff_error(w, choose_qparams(w, b, symmetric=not sym, axis=0))
+        assert table.mse[0, j] == pytest.approx(want, rel=1e-9)
+        assert table.mse[0, j] != pytest.approx(other, rel=1e-3)
+    q = round_nearest({"a": w, "b": w}, {"a": 0, "b": 0}, {"a": 3, "b": 8}, mixed)
+    assert (q["a"].qparams.signed, q["a"].q.dtype) == (False, np.uint8)
+    assert (q["b"].qparams.signed, q["b"].q.dtype) == (True, np.int8)
+    assert int(np.max(np.abs(q["b"].qparams.zero_point))) == 0
+
+
+def test_auto_symmetry_resolves_by_activation_mode() -> None:
+    from onnx_mixquant.config import ActivationConfig, QuantConfig, Symmetry
+    from onnx_mixquant.pipeline import resolve_config
+
+    a8 = resolve_config(QuantConfig(activations=ActivationConfig(enabled=True)))
+    assert a8.quantizer.symmetry is Symmetry.SYMMETRIC_INT8
+    assert resolve_config(QuantConfig()).quantizer.symmetry is Symmetry.ASYMMETRIC
+    pinned = QuantConfig(quantizer=QuantizerConfig(symmetry=Symmetry.SYMMETRIC))
+    assert resolve_config(pinned).quantizer.symmetry is Symmetry.SYMMETRIC

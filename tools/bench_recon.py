@@ -141,6 +141,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default {QUICK_MODEL})")
     p.add_argument("--bits", help="comma list of average weight widths (default 4,3)")
     p.add_argument("--acts", help="comma list of activation modes: w (weight-only), a8 (default w,a8)")
+    p.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default all)")
     p.add_argument("--iters", type=int, help=f"BRECQ iterations per unit (default {iters}, preset {PRESET})")
     p.add_argument("--samples", type=int, default=samples, help=f"BRECQ samples (default {samples})")
     p.add_argument("--batch", type=int, default=batch, help=f"BRECQ batch (default {batch})")
@@ -172,11 +173,14 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_
     args.models = _split(args.models or QUICK_MODEL)
     args.bits = [int(b) for b in _split(args.bits or (QUICK_BITS if q else "4,3"))]
     args.acts = _split(args.acts or (QUICK_ACTS if q else "w,a8"))
+    args.methods = _split(args.methods or ",".join(METHODS))
     args.iters = args.iters or (QUICK_ITERS if q else preset_iters)
     if q and args.limit is None:
         args.limit = QUICK_LIMIT
     for bad in [m for m in args.models if m not in MODELS]:
         p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
+    for bad in [m for m in args.methods if m not in METHODS]:
+        p.error(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
     for bad in [a for a in args.acts if a not in ACTS]:
         p.error(f"unknown activation mode {bad!r}; choose from {', '.join(ACTS)}")
     for bad in [b for b in args.bits if not 2 <= b <= 8]:
@@ -413,7 +417,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
     rows: list[Row] = []
     for bits in args.bits:
         for acts in args.acts:
-            group = [Row(name, bits, acts, m, ctx["run_id"], fp32_top1=fp32) for m in METHODS]
+            group = [Row(name, bits, acts, m, ctx["run_id"], fp32_top1=fp32) for m in args.methods]
             for row in group:
                 row.eval_images, row.settings = int(len(data.y)), job_settings(args, acts, len(files))
                 job = {"name": name, "model": str(model_path), "calib": str(calib_list)}
@@ -492,7 +496,7 @@ def _f(x: float | None, fmt: str) -> str:
 
 def _grid(r: dict[str, Any]) -> str:
     g = r.get("weight_grid")
-    return {"asymmetric": "asym", "symmetric": "sym"}.get(g, g or "-")
+    return {"asymmetric": "asym", "symmetric": "sym", "symmetric-int8": "sym 5-8b, asym 2-4b"}.get(g, g or "-")
 
 
 TABLE_HEAD = [
