@@ -496,7 +496,8 @@ def _f(x: float | None, fmt: str) -> str:
 
 def _grid(r: dict[str, Any]) -> str:
     g = r.get("weight_grid")
-    return {"asymmetric": "asym", "symmetric": "sym", "symmetric-int8": "sym 5-8b, asym 2-4b"}.get(g, g or "-")
+    short = {"asymmetric": "asym", "symmetric": "sym", "symmetric-int8": "sym 5-8b, asym 2-4b"}
+    return short.get(g, g or "-")
 
 
 TABLE_HEAD = [
