@@ -205,6 +205,8 @@ def _recon_config(opts: dict[str, Any]) -> ReconConfig:
         iters=opts["iters"] or iters,
         samples=opts["recon_samples"] or samples,
         batch=opts["recon_batch"] or batch,
+        fisher=opts["fisher"],
+        act_iters=opts["act_iters"],
     )
 
 
@@ -385,6 +387,18 @@ def _ask_dim(input_name: str, dim: str) -> int:
     default="block",
     show_default=True,
     help="BRECQ units: single-entry single-exit blocks, or single layers.",
+)
+@click.option(
+    "--fisher",
+    is_flag=True,
+    help="BRECQ: weight each unit's squared error by (|dKL/d output| + 1)^2, the diagonal Fisher of "
+    "the reference (needs a classifier whose first output is [batch, classes] logits).",
+)
+@click.option(
+    "--act-iters",
+    type=click.IntRange(min=0),
+    help="BRECQ with --calib: iterations per unit learning the 8-bit activation step sizes (LSQ) "
+    "after the rounding. Default: a quarter of --iters (the reference ratio); 0 keeps the calibrated steps.",
 )
 @click.option(
     "--calib",

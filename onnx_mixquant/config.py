@@ -305,11 +305,29 @@ class ReconConfig:
     lam: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
+    #: Weight the squared error by (|dKL/d unit output| + 1)^2, the reference's diagonal Fisher
+    #: (needs a classifier: the first model output [batch, classes] logits).
+    fisher: bool = False
+    #: With activation quantization: iterations per unit learning the activation step sizes
+    #: (LSQ, after the rounding); None: iters // 4 (the reference's 5000 for 20000), 0: keep the
+    #: calibrated steps.
+    act_iters: int | None = None
+    #: Adam learning rate of the activation steps, cosine-annealed to 0 (reference 4e-4).
+    act_lr: float = 4e-4
+
+    @property
+    def act_iterations(self) -> int:
+        """Iterations per unit of the activation-step stage (``act_iters`` resolved)."""
+        return self.iters // 4 if self.act_iters is None else self.act_iters
 
     def __post_init__(self) -> None:
         for name in ("iters", "samples", "batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reconstruction {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.act_iters is not None and self.act_iters < 0:
+            raise ConfigError(f"activation-step iterations must be >= 0, got {self.act_iters!r}")
+        if not (math.isfinite(self.act_lr) and self.act_lr > 0):
+            raise ConfigError(f"activation-step learning rate must be > 0, got {self.act_lr!r}")
         if self.batch > self.samples:
             raise ConfigError(f"reconstruction batch ({self.batch}) exceeds its samples ({self.samples})")
         if not 0.0 <= self.warmup < 1.0:

@@ -23,7 +23,7 @@ from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, SearchRule, Symmetry
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
-from onnx_mixquant.numerics import roundoff_error
+from onnx_mixquant.numerics import QParams, roundoff_error
 from onnx_mixquant.report import (
     ActivationReport,
     ActivationTensor,
@@ -107,15 +107,15 @@ def quantize(
     calib_data = _open_calibration(read, cfg, calib, image_spec)
     samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
     weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
-    recon = None
+    recon, learned = None, None
     if cfg.recon.method is RoundingMethod.BRECQ:
-        quantized, recon = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
+        quantized, recon, learned = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
     acts = None
     try:
         if calib_data is not None and cfg.activations.enabled:
-            acts = _quantize_activations(model, calib_data, cfg, timings, progress)
+            acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
     finally:
         if calib_data is not None:
             calib_data.close()  # removes what a one-shot reader spooled to disk
@@ -200,12 +200,26 @@ def _reconstruct(
     calib: data.CalibrationData | None,
     timings: dict[str, float],
     progress: Progress | None,
-) -> tuple[dict[str, rounding.QuantizedWeight], ReconReport]:
-    """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data."""
+) -> tuple[dict[str, rounding.QuantizedWeight], ReconReport, Mapping[str, QParams] | None]:
+    """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data (and the
+    activation steps, when activations are quantized); returns the weights, the report and the
+    activation parameters with learned steps (None when that stage did not run)."""
     from onnx_mixquant.reconstruct.train import reconstruct  # onnx-ad is only needed here
 
     if calib is None:
         raise ConfigError("--method brecq needs calibration data (--calib PATH)")
+    act = cfg.activations
+
+    def act_init(model: Any) -> tuple[activations.ActivationPlan, dict[str, QParams]]:
+        """Plan and calibrate the activations of the weight-quantized model (BRECQ's second stage)."""
+        aplan = activations.plan_activations(model, act)
+        ranges = calibrate.collect_ranges(
+            model, aplan.calibrated(), calib.batches(), act, None, calib.num_batches
+        ).ranges
+        return aplan, {
+            n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in ranges.items()
+        }
+
     with _timed(timings, "reconstruct"):
         result = reconstruct(
             read.model,
@@ -216,8 +230,11 @@ def _reconstruct(
             cfg.recon,
             seed=cfg.seed,
             progress=progress,
+            act_init=act_init if act.enabled else None,
         )
     report = ReconReport(
+        act_units=result.act_units,
+        fisher=cfg.recon.fisher,
         provider=result.provider,
         seconds=result.seconds,
         iters=cfg.recon.iters,
@@ -226,7 +243,7 @@ def _reconstruct(
         granularity=cfg.recon.granularity.value,
         units=result.units,
     )
-    return dict(result.weights), report
+    return dict(result.weights), report, result.act_params
 
 
 def _open_calibration(
@@ -254,8 +271,10 @@ def _quantize_activations(
     cfg: QuantConfig,
     timings: dict[str, float],
     progress: Progress | None,
+    learned: Mapping[str, QParams] | None = None,
 ) -> ActivationReport:
-    """Plan activation tensors, calibrate their ranges on ``calib``, insert their Q/DQ (in place)."""
+    """Plan activation tensors, calibrate their ranges on ``calib``, insert their Q/DQ (in place);
+    ``learned``: parameters with steps learned by BRECQ, which replace the calibrated ones by name."""
     act = cfg.activations
     folded = fold_pads_into_convs(model)
     aplan = activations.plan_activations(model, act)
@@ -271,6 +290,8 @@ def _quantize_activations(
     params = {
         n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in result.ranges.items()
     }
+    if learned is not None:
+        params.update((n, learned[n]) for n in params if n in learned)
     activations.insert_activation_qdq(model, aplan, params)
     activations.quantize_gemm_biases(model)
     compute = _compute_readers(model, aplan)

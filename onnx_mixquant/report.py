@@ -16,6 +16,7 @@ from onnx_mixquant.graph import SkippedWeight
 from onnx_mixquant.validate import ValidationResult
 
 if TYPE_CHECKING:  # the reconstruction stage (and onnx-ad) is imported only when BRECQ runs
+    from onnx_mixquant.reconstruct.actsteps import ActUnitReport
     from onnx_mixquant.reconstruct.train import UnitReport
 
 __all__ = [
@@ -89,6 +90,10 @@ class ReconReport:
     batch: int
     granularity: str
     units: tuple[UnitReport, ...]
+    #: Whether the squared errors were Fisher-weighted (``UnitReport.fisher`` says per unit).
+    fisher: bool = False
+    #: The activation-step stage per unit (empty without activation quantization).
+    act_units: tuple[ActUnitReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -251,4 +256,21 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
             )
         else:
             out.append(f"  {u.name[:60]:<60} nearest rounding: {u.reason}")
+        if r.fisher and u.fisher not in ("", "used"):
+            out.append(f"    no Fisher weighting: {u.fisher}")
+    if r.fisher:
+        used = sum(u.fisher == "used" for u in r.units)
+        out.append(f"Fisher-weighted errors in {used} of {len(r.units)} units")
+    if r.act_units:
+        learned_steps = [a for a in r.act_units if a.steps == "learned"]
+        n = sum(len(a.tensors) for a in learned_steps)
+        units = f"{len(learned_steps)} of {len(r.act_units)} units"
+        out.append(f"Activation steps (LSQ): learned for {n} tensors in {units}")
+        for a in r.act_units:
+            if a.loss_calibrated is not None and a.loss_learned is not None:
+                out.append(
+                    f"  {a.name[:60]:<60} error {a.loss_calibrated:.4g} -> {a.loss_learned:.4g} ({a.steps})"
+                )
+            else:
+                out.append(f"  {a.name[:60]:<60} calibrated steps: {a.reason}")
     return out

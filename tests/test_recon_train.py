@@ -9,6 +9,7 @@ from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import ConfigError
 
 train = pytest.importorskip("onnx_mixquant.reconstruct.train")
+_common = pytest.importorskip("onnx_mixquant.reconstruct._common")
 
 
 def test_schedule_warmup_then_linear_beta() -> None:
@@ -24,7 +25,7 @@ def test_schedule_warmup_then_linear_beta() -> None:
 def test_adam_minimises_a_quadratic() -> None:
     target = np.array([1.0, -2.0, 3.0], dtype=np.float32)
     params = {"v": np.zeros(3, dtype=np.float32)}
-    adam = train._Adam(params, lr=0.05)
+    adam = _common.Adam(params, lr=0.05)
     for _ in range(500):
         adam.step(params, {"v": 2 * (params["v"] - target)})
     np.testing.assert_allclose(params["v"], target, atol=1e-2)

@@ -16,23 +16,30 @@ rounding does not lower its reconstruction error on held-out samples (reported).
 from __future__ import annotations
 
 import logging
-import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
+from onnx_mixquant.activations import ActivationPlan
 from onnx_mixquant.config import ReconConfig, ReconGranularity
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import WeightSite
-from onnx_mixquant.numerics import dequantize
+from onnx_mixquant.numerics import QParams, dequantize
+from onnx_mixquant.reconstruct._common import (
+    Adam,
+    Cache,
+    cache_inputs,
+    held_out_error,
+    run_tensor,
+    set_weight,
+)
+from onnx_mixquant.reconstruct.actsteps import ActUnitReport, learn_activation_steps
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
 from onnx_mixquant.reconstruct.blocks import Unit, partition
+from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight, softmax
 from onnx_mixquant.rounding import QuantizedWeight
 from onnx_mixquant.validate import available_providers
 
@@ -60,16 +67,28 @@ class UnitReport:
     loss_nearest: float | None
     loss_learned: float | None
     rounding: str  # "learned" | "nearest"
+    #: "" (not asked), "used", or why the unit's error could not be Fisher-weighted.
+    fisher: str = ""
 
 
 @dataclass(frozen=True)
 class ReconResult:
-    """Integer weights after reconstruction, and a report per unit."""
+    """Integer weights after reconstruction, and a report per unit.
+
+    ``act_params``: 8-bit activation parameters with learned steps (by tensor name) when the
+    activation stage ran, else None; ``act_units``: its report per unit.
+    """
 
     weights: Mapping[str, QuantizedWeight]
     units: tuple[UnitReport, ...]
     provider: str
     seconds: float
+    act_params: Mapping[str, QParams] | None = None
+    act_units: tuple[ActUnitReport, ...] = ()
+
+
+#: Plans and calibrates the activations of a model: (plan, parameters by calibrated tensor).
+ActivationInit = Callable[[ir.Model], tuple[ActivationPlan, dict[str, QParams]]]
 
 
 def _schedule(t: int, cfg: ReconConfig) -> tuple[float, float]:
@@ -81,111 +100,6 @@ def _schedule(t: int, cfg: ReconConfig) -> tuple[float, float]:
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel), cfg.lam
 
 
-class _Adam:
-    """Adam (Kingma & Ba) on a dict of arrays, in place."""
-
-    def __init__(self, params: Mapping[str, np.ndarray], lr: float) -> None:
-        self.lr, self.t = lr, 0
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in params.items()}
-
-    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
-        self.t += 1
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        corr = math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        for k, g in grads.items():
-            self.m[k] *= b1
-            self.m[k] += (1 - b1) * g
-            self.v[k] *= b2
-            self.v[k] += (1 - b2) * g * g
-            params[k] -= self.lr * corr * self.m[k] / (np.sqrt(self.v[k]) + eps)
-
-
-class _Cache:
-    """Arrays of all calibration samples, memory-mapped in a temporary folder."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="onnx-mixquant-recon-")
-        self._n = 0
-
-    def new(self, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
-        self._n += 1
-        path = Path(self._dir.name) / f"a{self._n}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-    def close(self) -> None:
-        self._dir.cleanup()
-
-
-def _session(model: ir.Model, outputs: Sequence[str], provider: str) -> ort.InferenceSession:
-    """A session of ``model`` with ``outputs`` exposed as graph outputs (on a copy)."""
-    copy = model.clone()
-    values = {v.name: v for n in copy.graph for v in n.outputs}
-    values.update({v.name: v for v in copy.graph.inputs})
-    existing = {v.name for v in copy.graph.outputs}
-    for name in outputs:
-        if name not in existing:
-            copy.graph.outputs.append(values[name])
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(ir.to_proto(copy).SerializeToString(), so, providers=[provider])
-
-
-def _run(
-    model: ir.Model,
-    name: str,
-    inputs: Mapping[str, np.ndarray],
-    cache: _Cache,
-    provider: str,
-    batch: int = 64,
-) -> np.memmap:
-    """Tensor ``name`` for every cached sample, written batch by batch into a memory map."""
-    sess = _session(model, [name], provider)
-    n = len(next(iter(inputs.values())))
-    out: np.memmap | None = None
-    for lo in range(0, n, batch):
-        feed = {k: np.ascontiguousarray(v[lo : lo + batch]) for k, v in inputs.items()}
-        got = sess.run([name], feed)[0]
-        if out is None:
-            out = cache.new((n, *got.shape[1:]), got.dtype)
-        out[lo : lo + len(got)] = got
-    assert out is not None
-    return out
-
-
-def _cache_inputs(
-    batches: Iterator[dict[str, np.ndarray]], limit: int, cache: _Cache
-) -> dict[str, np.memmap]:
-    """The first ``limit`` calibration samples of every model input, on disk."""
-    out: dict[str, np.memmap] = {}
-    done = 0
-    for feed in batches:
-        take = min(limit - done, len(next(iter(feed.values()))))
-        for k, v in feed.items():
-            if k not in out:
-                out[k] = cache.new((limit, *v.shape[1:]), v.dtype)
-            out[k][done : done + take] = v[:take]
-        done += take
-        if done >= limit:
-            break
-    if done < limit:
-        out = {k: v[:done] for k, v in out.items()}  # type: ignore[misc]
-    return out
-
-
-def _set_weight(model: ir.Model, name: str, w: np.ndarray) -> None:
-    """Replace the value of weight ``name`` (a main-graph initializer or Constant node) by ``w``."""
-    tensor = ir.tensor(w.astype(np.float32), name=name)
-    if name in model.graph.initializers:
-        model.graph.initializers[name].const_value = tensor
-        return
-    for node in model.graph:
-        if node.op_type == "Constant" and node.outputs[0].name == name:
-            node.attributes["value"] = ir.AttrTensor("value", tensor)
-            return
-    raise KeyError(name)
-
-
 def _train_unit(
     program: UnitProgram,
     x: np.ndarray,
@@ -194,34 +108,23 @@ def _train_unit(
     cfg: ReconConfig,
     rng: np.random.Generator,
     tick: Callable[[int, str], None],
+    f: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Adam on the rounding variables of one unit; returns the trained V per weight."""
+    """Adam on the rounding variables of one unit (error weighted by ``f`` when given); returns the
+    trained V per weight."""
     v = {w.name: init_v(w.w, w.qparams) for w in weights}
-    adam = _Adam(v, cfg.lr)
+    adam = Adam(v, cfg.lr)
     n = len(x)
     t0 = time.perf_counter()
     for t in range(cfg.iters):
         idx = np.sort(rng.choice(n, cfg.batch, replace=False))
         beta, lam = _schedule(t, cfg)
-        rec, reg, grads = program.step(x[idx], y[idx], v, beta, lam)
+        rec, reg, grads = program.step(x[idx], y[idx], v, beta, lam, None if f is None else f[idx])
         adam.step(v, grads)
         if t % 25 == 0 or t == cfg.iters - 1:
             rate = (t + 1) / max(time.perf_counter() - t0, 1e-9)
             tick(t + 1, f"loss {rec:.4g} reg {reg:.3g} {rate:.1f} it/s")
     return v
-
-
-def _held_out_error(
-    program: UnitProgram, x: np.ndarray, y: np.ndarray, v: Mapping[str, np.ndarray], batch: int
-) -> float:
-    """Mean per-sample squared error of the hard-rounded unit on ``x`` (whole batches only)."""
-    total, count = 0.0, 0
-    for lo in range(0, len(x) - batch + 1, batch):
-        out = program.forward(np.ascontiguousarray(x[lo : lo + batch]), v, hard=True)
-        diff = out.astype(np.float64) - y[lo : lo + batch]
-        total += float(np.sum(diff * diff))
-        count += batch
-    return total / max(count, 1)
 
 
 def _nearest_v(
@@ -257,6 +160,7 @@ def reconstruct(
     *,
     seed: int = 0,
     progress: ReconProgress | None = None,
+    act_init: ActivationInit | None = None,
 ) -> ReconResult:
     """Learn the rounding of every quantized weight, unit by unit (BRECQ).
 
@@ -270,6 +174,9 @@ def reconstruct(
         cfg: iterations, samples, batch, schedule.
         seed: seeds the batch sampling.
         progress: progress(stage, done, total, info) per unit.
+        act_init: with activation quantization: plans and calibrates the activations of the
+            weight-quantized model; their steps are then learned unit by unit (``cfg.act_iterations``
+            > 0, :mod:`.actsteps`).
     """
     t_start = time.perf_counter()
     provider = available_providers(True)[0]
@@ -279,68 +186,128 @@ def reconstruct(
         blocks=cfg.granularity is ReconGranularity.BLOCK,
         differentiable=differentiable,
     )
-    rng = np.random.default_rng(seed)
-    cache = _Cache()
-    work = fp_model.clone()
+    run = _Run(fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress)
     result = dict(nearest)
     reports = []
+    act_params: dict[str, QParams] | None = None
+    act_units: tuple[ActUnitReport, ...] = ()
     try:
-        inputs = _cache_inputs(calib, cfg.samples, cache)
+        run.inputs = cache_inputs(calib, cfg.samples, run.cache)
         for i, unit in enumerate(units):
-            stage = f"unit {i + 1}/{len(units)}"
-            rep, learned = _reconstruct_unit(
-                unit, fp_model, work, inputs, nearest, weights, cfg, rng, cache, provider, stage, progress
-            )
+            rep, learned = _reconstruct_unit(unit, run, nearest, weights, f"unit {i + 1}/{len(units)}")
             reports.append(rep)
             result.update(learned)
             for name in unit.weights:
                 if name in result:
-                    _set_weight(work, name, dequantize(result[name].q, result[name].qparams))
+                    set_weight(run.work, name, dequantize(result[name].q, result[name].qparams))
+        if act_init is not None and cfg.act_iterations > 0:
+            plan, params = act_init(run.work)
+            act_params, act_units = learn_activation_steps(
+                units,
+                fp_model,
+                run.work,
+                plan,
+                params,
+                run.inputs,
+                cfg,
+                run.rng,
+                run.cache,
+                provider,
+                progress,
+            )
     finally:
-        cache.close()
+        run.cache.close()
     return ReconResult(
-        weights=result, units=tuple(reports), provider=provider, seconds=time.perf_counter() - t_start
+        weights=result,
+        units=tuple(reports),
+        provider=provider,
+        seconds=time.perf_counter() - t_start,
+        act_params=act_params,
+        act_units=act_units,
     )
+
+
+@dataclass
+class _Run:
+    """What every unit of one reconstruction reads: models, cached samples, settings."""
+
+    fp_model: ir.Model
+    work: ir.Model  # the FP graph, weights of the units done so far replaced by their quantized values
+    inputs: Mapping[str, np.ndarray]
+    cfg: ReconConfig
+    rng: np.random.Generator
+    cache: Cache
+    provider: str
+    progress: ReconProgress | None
+    _p_fp: np.ndarray | None = None
+
+    def p_fp(self) -> np.ndarray:
+        """FP class probabilities of every cached sample (softmax of the first output), once."""
+        if self._p_fp is None:
+            name = self.fp_model.graph.outputs[0].name or ""
+            self._p_fp = softmax(run_tensor(self.fp_model, name, self.inputs, self.cache, self.provider))
+        return self._p_fp
+
+
+def _fisher_weights(
+    unit: Unit, run: _Run, program: UnitProgram, x: np.ndarray, v: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """(|dKL/dt| + 1)^2 per sample, t = the unit's output with nearest rounding (the reference's
+    ``save_grad_data``: the model quantized up to this unit, the rest FP)."""
+    batch = run.cfg.batch
+    fisher = FisherProgram(run.work, unit.output, batch, provider=run.provider)
+    p_fp = run.p_fp()
+    f = run.cache.new((len(x), *program.output_shape[1:]), np.dtype(np.float32))
+    for lo in range(0, len(x), batch):
+        lo = min(lo, len(x) - batch)  # the last batch overlaps the one before
+        sl = slice(lo, lo + batch)
+        t = program.forward(np.ascontiguousarray(x[sl]), v, hard=True)
+        feeds = {k: np.ascontiguousarray(a[sl]) for k, a in run.inputs.items()}
+        f[sl] = fisher_weight(fisher.grad(feeds, t, p_fp[sl]))
+    return f
 
 
 def _reconstruct_unit(
     unit: Unit,
-    fp_model: ir.Model,
-    work: ir.Model,
-    inputs: Mapping[str, np.ndarray],
+    run: _Run,
     nearest: Mapping[str, QuantizedWeight],
     weights: Mapping[str, np.ndarray],
-    cfg: ReconConfig,
-    rng: np.random.Generator,
-    cache: _Cache,
-    provider: str,
     stage: str,
-    progress: ReconProgress | None,
 ) -> tuple[UnitReport, dict[str, QuantizedWeight]]:
     names = tuple(n for n in unit.weights if n in nearest)
     if not names or not unit.differentiable:
         return _nearest_report(unit, names, unit.reason), {}
-    t0 = time.perf_counter()
-    x = _run(work, unit.input, inputs, cache, provider)
-    y = _run(fp_model, unit.output, inputs, cache, provider)
+    cfg, t0 = run.cfg, time.perf_counter()
+    x = run_tensor(run.work, unit.input, run.inputs, run.cache, run.provider)
+    y = run_tensor(run.fp_model, unit.output, run.inputs, run.cache, run.provider)
     n_train = max(cfg.batch, len(x) - HELD_OUT) if len(x) > cfg.batch + HELD_OUT else len(x)
     uw = [UnitWeight(name=n, w=weights[n], qparams=nearest[n].qparams) for n in names]
     try:
-        program = UnitProgram(fp_model, unit, uw, (cfg.batch, *x.shape[1:]), provider=provider)
+        program = UnitProgram(
+            run.fp_model, unit, uw, (cfg.batch, *x.shape[1:]), fisher=cfg.fisher, provider=run.provider
+        )
     except UnsupportedModelError as e:  # e.g. a layer reading two activations: keep nearest rounding
         logger.warning("%s %s: %s; keeping nearest rounding", stage, unit.name, e)
         return _nearest_report(unit, names, str(e)), {}
+    f, fisher_note = None, ""
+    if cfg.fisher:
+        try:
+            f, fisher_note = _fisher_weights(unit, run, program, x, _nearest_v(uw, nearest)), "used"
+        except UnsupportedModelError as e:
+            logger.warning("%s %s: no Fisher weighting: %s", stage, unit.name, e)
+            f, fisher_note = np.ones((len(x), *program.output_shape[1:]), np.float32), str(e)
 
     def tick(done: int, info: str) -> None:
-        if progress is not None:
-            progress(stage, done, cfg.iters, info)
+        if run.progress is not None:
+            run.progress(stage, done, cfg.iters, info)
 
     t_train = time.perf_counter()
-    v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, rng, tick)
+    v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
-    held_x, held_y = (x[n_train:], y[n_train:]) if len(x) - n_train >= cfg.batch else (x, y)
-    loss_near = _held_out_error(program, held_x, held_y, _nearest_v(uw, nearest), cfg.batch)
-    loss_learn = _held_out_error(program, held_x, held_y, v, cfg.batch)
+    held = slice(n_train, None) if len(x) - n_train >= cfg.batch else slice(None)
+    held_f = None if f is None else f[held]
+    loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
+    loss_learn = held_out_error(program, x[held], y[held], v, cfg.batch, weight=held_f)
     learned = {
         w.name: QuantizedWeight(
             w.name, hard_quantize(w.w, w.qparams, v[w.name]).astype(nearest[w.name].q.dtype), w.qparams
@@ -369,6 +336,7 @@ def _reconstruct_unit(
         loss_nearest=loss_near,
         loss_learned=loss_learn,
         rounding="learned" if keep else "nearest",
+        fisher=fisher_note,
     ), (learned if keep else {})
 
 

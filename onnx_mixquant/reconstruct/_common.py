@@ -1,0 +1,141 @@
+"""Pieces both reconstruction stages share: Adam, the on-disk sample cache, tensor runs."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_mixquant.reconstruct.adaround import UnitProgram
+
+__all__ = ["Adam", "Cache", "cache_inputs", "held_out_error", "run_tensor", "set_weight"]
+
+
+class Adam:
+    """Adam (Kingma & Ba) on a dict of arrays, in place."""
+
+    def __init__(self, params: Mapping[str, np.ndarray], lr: float) -> None:
+        self.lr, self.t = lr, 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, params: dict[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        self.t += 1
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        corr = math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        for k, g in grads.items():
+            self.m[k] *= b1
+            self.m[k] += (1 - b1) * g
+            self.v[k] *= b2
+            self.v[k] += (1 - b2) * g * g
+            params[k] -= self.lr * corr * self.m[k] / (np.sqrt(self.v[k]) + eps)
+
+
+class Cache:
+    """Arrays of all calibration samples, memory-mapped in a temporary folder."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="onnx-mixquant-recon-")
+        self._n = 0
+
+    def new(self, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
+        self._n += 1
+        path = Path(self._dir.name) / f"a{self._n}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def _session(model: ir.Model, outputs: Sequence[str], provider: str) -> ort.InferenceSession:
+    """A session of ``model`` with ``outputs`` exposed as graph outputs (on a copy)."""
+    copy = model.clone()
+    values = {v.name: v for n in copy.graph for v in n.outputs}
+    values.update({v.name: v for v in copy.graph.inputs})
+    existing = {v.name for v in copy.graph.outputs}
+    for name in outputs:
+        if name not in existing:
+            copy.graph.outputs.append(values[name])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(ir.to_proto(copy).SerializeToString(), so, providers=[provider])
+
+
+def run_tensor(
+    model: ir.Model,
+    name: str,
+    inputs: Mapping[str, np.ndarray],
+    cache: Cache,
+    provider: str,
+    batch: int = 64,
+) -> np.memmap:
+    """Tensor ``name`` for every cached sample, written batch by batch into a memory map."""
+    sess = _session(model, [name], provider)
+    n = len(next(iter(inputs.values())))
+    out: np.memmap | None = None
+    for lo in range(0, n, batch):
+        feed = {k: np.ascontiguousarray(v[lo : lo + batch]) for k, v in inputs.items()}
+        got = sess.run([name], feed)[0]
+        if out is None:
+            out = cache.new((n, *got.shape[1:]), got.dtype)
+        out[lo : lo + len(got)] = got
+    assert out is not None
+    return out
+
+
+def cache_inputs(batches: Iterator[dict[str, np.ndarray]], limit: int, cache: Cache) -> dict[str, np.memmap]:
+    """The first ``limit`` calibration samples of every model input, on disk."""
+    out: dict[str, np.memmap] = {}
+    done = 0
+    for feed in batches:
+        take = min(limit - done, len(next(iter(feed.values()))))
+        for k, v in feed.items():
+            if k not in out:
+                out[k] = cache.new((limit, *v.shape[1:]), v.dtype)
+            out[k][done : done + take] = v[:take]
+        done += take
+        if done >= limit:
+            break
+    if done < limit:
+        out = {k: v[:done] for k, v in out.items()}  # type: ignore[misc]
+    return out
+
+
+def set_weight(model: ir.Model, name: str, w: np.ndarray) -> None:
+    """Replace the value of weight ``name`` (a main-graph initializer or Constant node) by ``w``."""
+    tensor = ir.tensor(w.astype(np.float32), name=name)
+    if name in model.graph.initializers:
+        model.graph.initializers[name].const_value = tensor
+        return
+    for node in model.graph:
+        if node.op_type == "Constant" and node.outputs[0].name == name:
+            node.attributes["value"] = ir.AttrTensor("value", tensor)
+            return
+    raise KeyError(name)
+
+
+def held_out_error(
+    program: UnitProgram,
+    x: np.ndarray,
+    y: np.ndarray,
+    v: Mapping[str, np.ndarray],
+    batch: int,
+    *,
+    act_steps: Mapping[str, np.ndarray] | None = None,
+    weight: np.ndarray | None = None,
+) -> float:
+    """Mean per-sample squared error (times ``weight``, e.g. Fisher's) of the hard-rounded unit on
+    ``x``, with activation steps ``act_steps`` (whole batches only)."""
+    total, count = 0.0, 0
+    for lo in range(0, len(x) - batch + 1, batch):
+        out = program.forward(np.ascontiguousarray(x[lo : lo + batch]), v, hard=True, act_steps=act_steps)
+        diff = out.astype(np.float64) - y[lo : lo + batch]
+        square = diff * diff if weight is None else diff * diff * weight[lo : lo + batch]
+        total += float(np.sum(square))
+        count += batch
+    return total / max(count, 1)
