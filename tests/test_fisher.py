@@ -105,10 +105,41 @@ def _kl(tail: ReferenceEvaluator, x: np.ndarray, t: np.ndarray, p: np.ndarray) -
     return float((p * (np.log(p) - log_q)).sum() / len(p))
 
 
-CASES = {"residual": _residual, "skip": _skip}
+def _shortcut() -> tuple[list[onnx.NodeProto], str]:
+    """x -> Conv -> Relu (T); T[:, 0:2, 1::2, ::2] zero-padded to 4 channels (pads from a Constant
+    -> Cast chain) + Conv(T, stride 2) -> head: a ResNet option-A shortcut (a Slice with steps 2,
+    odd and even starts, its adjoint built by _dwconv's rule)."""
+    const = helper.make_node(
+        "Constant",
+        [],
+        ["padf"],
+        value=numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.float32)),
+    )
+    bounds = {"st": [0, 1, 0], "en": [2, 100, 100], "ax": [1, 2, 3], "sp": [1, 2, 2]}
+    consts = [
+        helper.make_node("Constant", [], [k], value=numpy_helper.from_array(np.array(v, np.int64)))
+        for k, v in bounds.items()
+    ]
+    nodes = [
+        *consts,
+        const,
+        _node("Cast", ["padf"], "pads", to=TensorProto.INT64),
+        _node("Conv", ["x", "W1", "B1"], "c1", pads=[1, 1, 1, 1]),
+        _node("Relu", ["c1"], "T"),
+        _node("Slice", ["T", "st", "en", "ax", "sp"], "sl"),
+        _node("Pad", ["sl", "pads"], "short"),
+        _node("Conv", ["T", "W2", "B2"], "c2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        _node("Add", ["c2", "short"], "s"),
+    ]
+    return [*nodes, *_head("s")], "T"
 
 
-@pytest.mark.parametrize(("case", "opset"), [("residual", 17), ("skip", 17), ("residual", 12)])
+CASES = {"residual": _residual, "skip": _skip, "shortcut": _shortcut}
+
+
+@pytest.mark.parametrize(
+    ("case", "opset"), [("residual", 17), ("skip", 17), ("residual", 12), ("shortcut", 17), ("shortcut", 12)]
+)
 def test_gradient_matches_finite_differences(case: str, opset: int) -> None:
     """Opset 12 builds log-softmax from ReduceMax/Exp/ReduceSum/Log (no LogSoftmax rule there)."""
     rng = np.random.default_rng(1)

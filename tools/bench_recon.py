@@ -70,6 +70,8 @@ SECTION = "recon"
 SCHEMA = 1
 PRESET = "cpu-fast"
 METHODS: tuple[str, ...] = ("uniform+nearest", "mixquant+nearest", "uniform+brecq", "mixquant+brecq")
+#: Also selectable with --methods: BRECQ with the Fisher-weighted error (--fisher).
+ALL_METHODS: tuple[str, ...] = (*METHODS, "uniform+brecq-fisher", "mixquant+brecq-fisher")
 ACTS: tuple[str, ...] = ("w", "a8")
 #: The accuracy goal of the summary: W4A8 MixQuant+BRECQ on this model within GOAL_PTS of FP32.
 GOAL_MODEL, GOAL_BITS, GOAL_ACTS, GOAL_PTS = "resnet20_cifar10", 4, "a8", 1.0
@@ -141,7 +143,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default {QUICK_MODEL})")
     p.add_argument("--bits", help="comma list of average weight widths (default 4,3)")
     p.add_argument("--acts", help="comma list of activation modes: w (weight-only), a8 (default w,a8)")
-    p.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default all)")
+    p.add_argument("--methods", help=f"comma list of {', '.join(ALL_METHODS)} (default the first four)")
     p.add_argument("--iters", type=int, help=f"BRECQ iterations per unit (default {iters}, preset {PRESET})")
     p.add_argument("--samples", type=int, default=samples, help=f"BRECQ samples (default {samples})")
     p.add_argument("--batch", type=int, default=batch, help=f"BRECQ batch (default {batch})")
@@ -179,8 +181,8 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_
         args.limit = QUICK_LIMIT
     for bad in [m for m in args.models if m not in MODELS]:
         p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
-    for bad in [m for m in args.methods if m not in METHODS]:
-        p.error(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
+    for bad in [m for m in args.methods if m not in ALL_METHODS]:
+        p.error(f"unknown method {bad!r}; choose from {', '.join(ALL_METHODS)}")
     for bad in [a for a in args.acts if a not in ACTS]:
         p.error(f"unknown activation mode {bad!r}; choose from {', '.join(ACTS)}")
     for bad in [b for b in args.bits if not 2 <= b <= 8]:
@@ -207,12 +209,13 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         search = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=bits, target_bits=None)
     else:
         search = SearchConfig(target_bits=float(bits))
-    brecq = rounding == "brecq"
+    brecq = rounding.startswith("brecq")
     recon = ReconConfig(
         method=RoundingMethod.BRECQ if brecq else RoundingMethod.NEAREST,
         iters=spec["iters"],
         samples=spec["samples"],
         batch=spec["batch"],
+        fisher=rounding == "brecq-fisher",
     )
     acts = ActivationConfig(
         enabled=spec["acts"] == "a8",
@@ -465,7 +468,7 @@ def merge_rows(doc: dict[str, Any], rows: list[Row], run: dict[str, Any], fp32: 
 def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     model = list(MODELS).index(r["model"]) if r["model"] in MODELS else len(MODELS)
     acts = ACTS.index(r["acts"]) if r["acts"] in ACTS else len(ACTS)
-    method = METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS)
+    method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     return (model, r["model"], -r["bits"], acts, method)
 
 

@@ -110,12 +110,58 @@ def grouped_conv_rule() -> Iterator[None]:
     Thread-safe: concurrent blocks run one after the other (the rule table is process-global).
     """
     with _LOCK:
-        original = rules.REVERSE["Conv"]
-        rules.REVERSE["Conv"] = functools.partial(_conv_reverse, original)
+        conv, slice_ = rules.REVERSE["Conv"], rules.REVERSE["Slice"]
+        rules.REVERSE["Conv"] = functools.partial(_conv_reverse, conv)
+        rules.REVERSE["Slice"] = functools.partial(_slice_reverse, slice_)
         try:
             yield
         finally:
-            rules.REVERSE["Conv"] = original
+            rules.REVERSE["Conv"], rules.REVERSE["Slice"] = conv, slice_
+
+
+def _slice_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> list[Any]:
+    """onnx-ad's Slice rule, extended to positive steps > 1 (the ``x[:, :, ::2, ::2]`` of a ResNet
+    option-A shortcut): along such an axis the adjoint interleaves ``step - 1`` zeros after every
+    element (Unsqueeze, zero Pad on the new axis, Reshape), trims to the input, then zero-pads the
+    start and end offsets like a step-1 slice."""
+    starts, ends, axes, steps = rules._slice_bounds(ctx, node)
+    if steps is None or all(step == 1 for step in steps):
+        return original(ctx, node, grads)
+    shape, out_shape = ctx.shapes.static(node.input[0]), ctx.shapes.static(node.output[0])
+    if (
+        starts is None
+        or ends is None
+        or any(step < 1 for step in steps)
+        or shape is None
+        or out_shape is None
+    ):
+        raise UnsupportedOperator("Slice with a step other than 1 is differentiated only with a positive "
+                                  "step, constant bounds and static shapes")  # fmt: skip
+    b, rank = ctx.b, len(shape)
+    axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
+    g, dims = ctx.full(grads[0], node.output[0]), list(out_shape)
+    before, after = [0] * (rank + 1), [0] * (rank + 1)
+    for axis, start, step in zip(axes, starts, steps, strict=True):
+        extent, count = shape[axis], out_shape[axis]
+        start = min(max(start + extent if start < 0 else start, 0), extent)
+        if step > 1 and count > 0:
+            new_axis = [axis + 1]
+            if ctx.opset >= 13:
+                g = b.op("Unsqueeze", [g, b.ints(new_axis)], stem="slice_up")
+            else:
+                g = b.op("Unsqueeze", [g], axes=new_axis, stem="slice_up")
+            tail = [0] * (rank + 2)
+            tail[axis + 1] = step - 1
+            g = rules._pad(ctx, g, [0] * (rank + 2), tail)
+            dims[axis] = min(count * step, extent - start)
+            if count * step > dims[axis]:  # the zeros after the last element run past the input
+                wide = [*dims[:axis], count * step, *dims[axis + 1 :], -1]
+                g = b.op("Reshape", [g, b.ints(wide)], stem="slice_up")
+                g = b.op("Slice", [g, b.ints([0]), b.ints([dims[axis]]), b.ints([axis])], stem="slice_up")
+            else:
+                g = b.op("Reshape", [g, b.ints([*dims, -1])], stem="slice_up")
+        before[axis], after[axis] = start, extent - start - dims[axis]
+    return [rules._pad(ctx, g, before, after)] + [None] * (len(node.input) - 1)
 
 
 def _conv_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> list[Any]:

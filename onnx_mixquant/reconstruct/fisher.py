@@ -153,7 +153,7 @@ def _cut(model: ir.Model, tensor: str, batch: int, dtype: np.dtype) -> tuple[ir.
     if tensor not in candidates:
         raise UnsupportedModelError(f"--fisher: tensor {tensor!r} is not a tensor of the main graph")
     old = candidates[tensor]
-    if old.dtype != float_type:
+    if old.dtype is not None and old.dtype != float_type:
         raise UnsupportedModelError(f"--fisher: tensor {tensor!r} is {old.dtype}, not {float_type}")
     taken = {v.name for n in graph.all_nodes() for v in (*n.inputs, *n.outputs) if v}
     names = _namer(taken | set(candidates) | set(graph.initializers))
@@ -166,6 +166,7 @@ def _cut(model: ir.Model, tensor: str, batch: int, dtype: np.dtype) -> tuple[ir.
     scale = np.asarray(-1.0 / batch, dtype)
     graph.outputs.append(_append_loss(graph, logits, p, scale, default_opset(model), names))
     onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
+    _fold_constants(model, names)
     if not cut.uses():
         raise UnsupportedModelError(f"--fisher: tensor {tensor!r} does not reach the logits {logits.name!r}")
     used = [v for v in graph.inputs if v.uses() and v.const_value is None]  # not initializers
@@ -177,6 +178,26 @@ def _cut(model: ir.Model, tensor: str, batch: int, dtype: np.dtype) -> tuple[ir.
         for v in node.outputs:
             v.shape = None
     return model, (batch, classes)
+
+
+def _fold_constants(model: ir.Model, names: Callable[[str], str]) -> None:
+    """Replace the nodes that compute from stored tensors only (Constant chains, e.g. the pads of a
+    ResNet option-A shortcut: Constant -> Concat -> Reshape -> Slice -> Transpose -> Cast) by
+    initializers, so that shape inference sees their values."""
+    graph, opset = model.graph, default_opset(model)
+    for node in list(graph):
+        ins = [v for v in node.inputs if v is not None]
+        if node.domain not in ("", "ai.onnx") or (not ins and node.op_type != "Constant"):
+            continue
+        if any(v.const_value is None or v.is_graph_input() for v in ins):
+            continue
+        args = {v.name or "": v.const_value.numpy() for v in ins if v.const_value is not None}
+        evaluator = ReferenceEvaluator(ir.serde.serialize_node(node), opsets={"": opset})
+        for out, array in zip(node.outputs, evaluator.run(None, args), strict=True):
+            folded = ir.val(names(f"{out.name}__folded"), const_value=ir.tensor(np.asarray(array)))
+            graph.register_initializer(folded)
+            out.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
 
 
 def _logits(graph: ir.Graph) -> tuple[ir.Value, int]:
