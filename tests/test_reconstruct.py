@@ -10,8 +10,9 @@ import pytest
 from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES
 from onnx import numpy_helper
 
-from onnx_mixquant import ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
+from onnx_mixquant import ActivationConfig, ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
 from onnx_mixquant.config import ReconConfig, RoundingMethod
+from onnx_mixquant.report import format_text, to_json
 
 pytest.importorskip("onnx_ad")
 
@@ -76,3 +77,71 @@ def test_brecq_is_deterministic(tmp_path: Path) -> None:
 def test_brecq_needs_calibration_data(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="brecq"):
         quantize(DEMO_MODEL, tmp_path / "x.onnx", _cfg(RoundingMethod.BRECQ))
+
+
+def _a8(iters: int, act_iters: int | None, fisher: bool = False) -> QuantConfig:
+    return QuantConfig(
+        search=SearchConfig(target_bits=4.0),
+        activations=ActivationConfig(enabled=True),
+        recon=ReconConfig(
+            method=RoundingMethod.BRECQ,
+            iters=iters,
+            samples=128,
+            batch=16,
+            act_iters=act_iters,
+            fisher=fisher,
+        ),
+        validate=ValidateConfig(enabled=False),
+    )
+
+
+def _act_scales(path: Path) -> dict[str, float]:
+    return {
+        i.name[: -len("_act_scale")]: float(numpy_helper.to_array(i))
+        for i in onnx.load(path).graph.initializer
+        if i.name.endswith("_act_scale")
+    }
+
+
+def test_brecq_learns_activation_steps(tmp_path: Path) -> None:
+    """With 8-bit activations, the second stage learns steps unit by unit; the steps it keeps are
+    the ones written to the model (others keep the calibrated value), and it can be switched off."""
+    calibrated = quantize(DEMO_MODEL, tmp_path / "c.onnx", _a8(20, 0), calib=DEMO_CALIB)
+    learned = quantize(DEMO_MODEL, tmp_path / "l.onnx", _a8(20, 60), calib=DEMO_CALIB)
+    assert calibrated.reconstruction is not None and calibrated.reconstruction.act_units == ()
+    rec = learned.reconstruction
+    assert rec is not None and len(rec.act_units) == len(rec.units)
+    kept = [a for a in rec.act_units if a.steps == "learned"]
+    assert kept, [(a.loss_calibrated, a.loss_learned, a.reason) for a in rec.act_units]
+    for a in kept:
+        assert a.loss_learned is not None and a.loss_calibrated is not None
+        assert a.loss_learned <= a.loss_calibrated and a.iters == 60 and a.tensors
+    # same rounding (same seed, same stage 1), so the weights are identical (Gemm biases are not:
+    # their int32 scale is the activation's times the weight's); the activation scales differ
+    # exactly for the tensors whose learned steps were kept
+    qc, ql = _ints(tmp_path / "c.onnx"), _ints(tmp_path / "l.onnx")
+    for w in learned.weights:
+        np.testing.assert_array_equal(qc[f"{w.name}_quantized"], ql[f"{w.name}_quantized"])
+    sc, sl = _act_scales(tmp_path / "c.onnx"), _act_scales(tmp_path / "l.onnx")
+    assert sc.keys() == sl.keys()
+    changed = {t for t in sc if sc[t] != sl[t]}
+    assert changed == {t for a in kept for t in a.tensors}
+    report_scales = {t.name: t.scale for t in learned.activations.tensors} if learned.activations else {}
+    for t in changed:
+        assert report_scales[t] == pytest.approx(sl[t], rel=1e-7)
+
+
+def test_brecq_fisher_weights_the_error(tmp_path: Path) -> None:
+    """--fisher: every unit of the demo CNN gets (|g| + 1)^2 >= 1 weights, so the first unit (same
+    input, same nearest rounding in both runs) reports a larger weighted held-out error."""
+    plain = quantize(DEMO_MODEL, tmp_path / "p.onnx", _a8(20, 0), calib=DEMO_CALIB)
+    fisher = quantize(DEMO_MODEL, tmp_path / "f.onnx", _a8(20, 0, fisher=True), calib=DEMO_CALIB)
+    assert plain.reconstruction is not None and fisher.reconstruction is not None
+    assert fisher.reconstruction.fisher and not plain.reconstruction.fisher
+    assert [u.fisher for u in fisher.reconstruction.units] == ["used"] * len(fisher.reconstruction.units)
+    assert {u.fisher for u in plain.reconstruction.units} == {""}
+    first_p, first_f = plain.reconstruction.units[0], fisher.reconstruction.units[0]
+    assert first_p.loss_nearest is not None and first_f.loss_nearest is not None
+    assert first_f.loss_nearest > first_p.loss_nearest
+    assert "Fisher-weighted errors in 4 of 4 units" in format_text(fisher)
+    assert to_json(fisher)["reconstruction"]["units"][0]["fisher"] == "used"

@@ -97,9 +97,9 @@ def learn_activation_steps(
         progress: progress(stage, done, total, info).
 
     Returns:
-        (params with learned steps, a report per unit).
+        (the parameters with learned steps that were kept, by tensor name; a report per unit).
     """
-    out = dict(params)
+    out, kept = dict(params), {}
     sites = {s.name: s for s in plan.sites}
     made_by = _producers(work)
     reports = []
@@ -119,7 +119,8 @@ def learn_activation_steps(
                              stage, progress)  # fmt: skip
         reports.append(rep)
         out.update(learned)
-    return out, tuple(reports)
+        kept.update(learned)
+    return kept, tuple(reports)
 
 
 def _unit(
