@@ -196,6 +196,8 @@ def test_output_paths(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.Mon
         (["--target-size", "lots"], "size"),
         (["--symmetry", "sideways"], "sideways"),
         (["--num-samples", "0"], "num-samples"),
+        (["--act-iters", "-1"], "act-iters"),
+        (["--method", "brecq"], "--calib"),
     ],
 )
 def test_bad_options_exit_2(runner: CliRunner, tmp_path: Path, args: list[str], needle: str) -> None:
@@ -358,3 +360,20 @@ def test_image_folder_calibration_and_saved_preprocessing(runner: CliRunner, tmp
     assert res.exit_code == 1, res.output
     assert "00.png" in res.output or "channel" in res.output or "dim" in res.output
     onnx.checker.check_model(onnx.load(pre))
+
+
+def test_brecq_options_reach_the_report(runner: CliRunner, tmp_path: Path) -> None:
+    """--method brecq with --fisher and --act-iters: every unit Fisher-weighted, the activation
+    stage run with the given iterations, the symmetric-int8 grid resolved for A8."""
+    out = tmp_path / "b.onnx"
+    args = [str(DEMO_MODEL), str(out), "--calib", str(DEMO_CALIB), "--method", "brecq", "--iters", "12"]
+    args += ["--recon-samples", "96", "--recon-batch", "16", "--fisher", "--act-iters", "7", "--json", "-q"]
+    res = runner.invoke(main, [*args, "--no-validate"])
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    rec = data["reconstruction"]
+    assert rec["fisher"] is True and rec["iters"] == 12 and rec["samples"] == 96
+    assert {u["fisher"] for u in rec["units"]} == {"used"}
+    assert rec["act_units"] and {a["iters"] for a in rec["act_units"] if a["tensors"]} == {7}
+    assert data["settings"]["quantizer"]["symmetry"] == "symmetric-int8"
+    assert data["settings"]["recon"]["act_iters"] == 7 and out.exists()

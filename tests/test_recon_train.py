@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import ConfigError
@@ -36,3 +39,31 @@ def test_recon_config_checks() -> None:
         ReconConfig(samples=16, batch=32)
     with pytest.raises(ConfigError, match="warmup"):
         ReconConfig(warmup=1.0)
+
+
+def _pad_conv(named: bool) -> ir.Model:
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="pad" if named else ""),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="conv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [pads, w],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_training_copy_folds_zero_pads_only_when_every_node_is_named() -> None:
+    named = _pad_conv(True)
+    folded = train._without_zero_pads(named)
+    assert folded is not named and [n.op_type for n in folded.graph] == ["Conv"]
+    assert list(folded.graph[0].attributes["pads"].value) == [1, 1, 1, 1]
+    assert [n.op_type for n in named.graph] == ["Pad", "Conv"]  # the input model is untouched
+    unnamed = _pad_conv(False)
+    assert train._without_zero_pads(unnamed) is unnamed
