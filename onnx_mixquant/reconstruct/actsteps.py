@@ -155,7 +155,7 @@ def _unit(
     steps = {t: s.copy() for t, s in start.items()}
     trained = {t: steps[t] for t in learn}
     adam = Adam(trained, cfg.act_lr)
-    total = cfg.act_iterations
+    total, t_train = cfg.act_iterations, time.perf_counter()
     for t in range(total):
         idx = np.sort(rng.choice(n_train, cfg.batch, replace=False))
         rec, _, grads = program.step(x[idx], y[idx], {}, 2.0, 0.0, act_steps=steps)
@@ -164,7 +164,8 @@ def _unit(
         for k in learn:
             np.maximum(trained[k], start[k] * _MIN_STEP_SHARE, out=trained[k])
         if progress is not None and (t % 25 == 0 or t == total - 1):
-            progress(stage, t + 1, total, f"loss {rec:.4g}")
+            rate = (t + 1) / max(time.perf_counter() - t_train, 1e-9)
+            progress(stage, t + 1, total, f"loss {rec:.4g} {rate:.1f} it/s")
     held_x, held_y = (x[n_train:], y[n_train:]) if n - n_train >= cfg.batch else (x, y)
     before = held_out_error(program, held_x, held_y, {}, cfg.batch, act_steps=start)
     after = held_out_error(program, held_x, held_y, {}, cfg.batch, act_steps=steps)
