@@ -67,3 +67,11 @@ def test_training_copy_folds_zero_pads_only_when_every_node_is_named() -> None:
     assert [n.op_type for n in named.graph] == ["Pad", "Conv"]  # the input model is untouched
     unnamed = _pad_conv(False)
     assert train._without_zero_pads(unnamed) is unnamed
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "train_on"),
+    [(256, 32, 192), (1024, 32, 960), (128, 8, 96), (128, 16, 96), (96, 16, 72), (40, 16, 40), (64, 32, 64)],
+)
+def test_training_count_holds_out_a_quarter_up_to_64(n: int, batch: int, train_on: int) -> None:
+    assert _common.training_count(n, batch) == train_on

@@ -13,7 +13,27 @@ import onnxruntime as ort
 
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 
-__all__ = ["Adam", "Cache", "cache_inputs", "held_out_error", "run_tensor", "set_weight"]
+__all__ = [
+    "HELD_OUT",
+    "Adam",
+    "Cache",
+    "cache_inputs",
+    "held_out_error",
+    "run_tensor",
+    "set_weight",
+    "training_count",
+]
+
+#: At most this many samples are held out of training to check a unit's result (a quarter of them
+#: when there are fewer than 256).
+HELD_OUT = 64
+
+
+def training_count(n: int, batch: int) -> int:
+    """How many of ``n`` samples (the first ones) a unit trains on; the rest, at least one batch, are
+    held out. All ``n`` when there are too few to spare a batch (then the check reuses them)."""
+    held = min(HELD_OUT, n // 4)
+    return n - held if held >= batch and n - held >= batch else n
 
 
 class Adam:

@@ -31,7 +31,7 @@ from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import node_names
 from onnx_mixquant.numerics import QParams
-from onnx_mixquant.reconstruct._common import Adam, Cache, held_out_error, run_tensor
+from onnx_mixquant.reconstruct._common import Adam, Cache, held_out_error, run_tensor, training_count
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 from onnx_mixquant.reconstruct.blocks import Unit
 
@@ -39,8 +39,6 @@ __all__ = ["ActUnitReport", "learn_activation_steps"]
 
 logger = logging.getLogger(__name__)
 
-#: Samples held out of training to compare learned and calibrated steps.
-HELD_OUT = 64
 #: A learned step never falls below this share of its calibrated value.
 _MIN_STEP_SHARE = 1e-3
 
@@ -150,7 +148,7 @@ def _unit(
         logger.warning("%s %s: %s; keeping the calibrated steps", stage, unit.name, e)
         return ActUnitReport(unit.name, tuple(learn), 0, 0.0, None, None, "calibrated", str(e)), {}
     n = len(x)
-    n_train = max(cfg.batch, n - HELD_OUT) if n > cfg.batch + HELD_OUT else n
+    n_train = training_count(n, cfg.batch)
     start = {t: np.asarray(qp.scale, np.float32).copy() for t, qp in act.items()}
     steps = {t: s.copy() for t, s in start.items()}
     trained = {t: steps[t] for t in learn}
@@ -166,7 +164,7 @@ def _unit(
         if progress is not None and (t % 25 == 0 or t == total - 1):
             rate = (t + 1) / max(time.perf_counter() - t_train, 1e-9)
             progress(stage, t + 1, total, f"loss {rec:.4g} {rate:.1f} it/s")
-    held_x, held_y = (x[n_train:], y[n_train:]) if n - n_train >= cfg.batch else (x, y)
+    held_x, held_y = (x[n_train:], y[n_train:]) if n_train < n else (x, y)
     before = held_out_error(program, held_x, held_y, {}, cfg.batch, act_steps=start)
     after = held_out_error(program, held_x, held_y, {}, cfg.batch, act_steps=steps)
     keep = after <= before

@@ -36,6 +36,7 @@ from onnx_mixquant.reconstruct._common import (
     held_out_error,
     run_tensor,
     set_weight,
+    training_count,
 )
 from onnx_mixquant.reconstruct.actsteps import ActUnitReport, learn_activation_steps
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
@@ -50,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 #: progress(stage, done, total, info): info carries the loss and iterations per second.
 ReconProgress = Callable[[str, int, int, str], None]
-#: Samples held out of training to compare learned and nearest rounding.
-HELD_OUT = 64
 
 
 @dataclass(frozen=True)
@@ -293,7 +292,7 @@ def _reconstruct_unit(
     cfg, t0 = run.cfg, time.perf_counter()
     x = run_tensor(run.work, unit.input, run.inputs, run.cache, run.provider)
     y = run_tensor(run.fp_model, unit.output, run.inputs, run.cache, run.provider)
-    n_train = max(cfg.batch, len(x) - HELD_OUT) if len(x) > cfg.batch + HELD_OUT else len(x)
+    n_train = training_count(len(x), cfg.batch)
     uw = [UnitWeight(name=n, w=weights[n], qparams=nearest[n].qparams) for n in names]
     try:
         program = UnitProgram(
@@ -317,7 +316,7 @@ def _reconstruct_unit(
     t_train = time.perf_counter()
     v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
-    held = slice(n_train, None) if len(x) - n_train >= cfg.batch else slice(None)
+    held = slice(n_train, None) if n_train < len(x) else slice(None)
     held_f = None if f is None else f[held]
     loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
     loss_learn = held_out_error(program, x[held], y[held], v, cfg.batch, weight=held_f)
