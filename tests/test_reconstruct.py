@@ -145,3 +145,10 @@ def test_brecq_fisher_weights_the_error(tmp_path: Path) -> None:
     assert first_f.loss_nearest > first_p.loss_nearest
     assert "Fisher-weighted errors in 4 of 4 units" in format_text(fisher)
     assert to_json(fisher)["reconstruction"]["units"][0]["fisher"] == "used"
+
+
+def test_brecq_with_activation_stage_and_fisher_is_deterministic(tmp_path: Path) -> None:
+    cfg = _a8(15, 15, fisher=True)
+    quantize(DEMO_MODEL, tmp_path / "a.onnx", cfg, calib=DEMO_CALIB)
+    quantize(DEMO_MODEL, tmp_path / "b.onnx", cfg, calib=DEMO_CALIB)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

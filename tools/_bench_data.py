@@ -1,4 +1,8 @@
-"""Evaluation data and top-1 measurement for ``tools/bench.py`` (dev-only: needs Pillow).
+"""Evaluation data, top-1 measurement and shared scaffolding of the benchmark scripts under ``tools/``.
+
+Dev-only (needs Pillow). ``bench.py``, ``bench_static.py`` and ``bench_recon.py`` share the command
+line pieces, the ``--_one`` quantization subprocess and the output writers below; ``bench_search.py``
+uses the markdown helpers.
 
 The images and their ``path,label`` csv files live in the read-only benchmark folder
 (``shared/bench/data/<dataset>/eval.csv``, paths relative to ``<dataset>/``). Each image set is
@@ -16,18 +20,24 @@ imagenet        RGB, centre crop 224x224 (offset floored), (x - 127) / 128
 
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import hashlib
 import io
+import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -35,7 +45,10 @@ import onnxruntime as ort
 from PIL import Image
 
 import onnx_mixquant
+from onnx_mixquant import ImageSpec
+from onnx_mixquant.preprocess import IMAGE_SUFFIXES
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Bump when a preprocessing function changes, so stale caches are not reused.
 PREP_VERSION = 2
 CIFAR_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -48,6 +61,24 @@ ORT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which image set a model reads and the onnx_mixquant preprocessing that matches the README."""
+
+    dataset: str
+    image_spec: ImageSpec
+
+
+CIFAR_SPEC = ImageSpec(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+IMAGENET_SPEC = ImageSpec(crop=(224, 224), scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
+#: The benchmark models (``<bench>/models/<name>.onnx``) by name.
+MODELS: dict[str, ModelSpec] = {
+    "resnet20_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
+    "resnet56_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
+    "efficientnet_lite0": ModelSpec("imagenet", IMAGENET_SPEC),
 }
 
 
@@ -223,4 +254,193 @@ def machine_facts() -> dict[str, Any]:
         "numpy": np.__version__,
         "onnx_mixquant": onnx_mixquant.__version__,
         "ort_provider": "CPUExecutionProvider",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script: the first paragraph of its docstring ``doc`` as description."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_io_args(p: argparse.ArgumentParser, quick_help: str, out_help: str, json_help: str) -> None:
+    """Add ``--quick``, ``--bench-dir``, ``--cache-dir``, ``--out`` and ``--json``, in that order."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
+    p.add_argument("--out", type=Path, help=out_help)
+    p.add_argument("--json", type=Path, help=json_help)
+
+
+def split_list(text: str) -> list[str]:
+    """The items of a comma list, stripped, empty ones dropped: ``"a, b,"`` -> ``["a", "b"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_choices(p: argparse.ArgumentParser, values: list[str], allowed: Collection[str], what: str) -> None:
+    """Exit through ``p.error`` ("unknown <what> ...; choose from ...") at the first value not allowed."""
+    for bad in [v for v in values if v not in allowed]:
+        p.error(f"unknown {what} {bad!r}; choose from {', '.join(allowed)}")
+
+
+def default_outputs(args: argparse.Namespace, json_name: str) -> None:
+    """Default ``args.out`` to BENCHMARKS.md (none with --quick) and ``args.json`` to
+    ``benchmarks/<json_name>`` beside it (none when there is no --out)."""
+    if args.out is None and not args.quick:
+        args.out = REPO_ROOT / "BENCHMARKS.md"
+    if args.json is None and args.out is not None:
+        args.json = args.out.parent / "benchmarks" / json_name
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command as it would be typed from the repository root: ``python tools/<script> <argv>``."""
+    return shlex.join(["python", f"tools/{Path(script).name}", *argv])
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization subprocess (``--_one SPEC.json``)
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's peak resident set size (VmHWM of /proc/self/status) in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def child_main(spec_path: Path, work: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Body of a ``--_one`` subprocess: run ``work`` on the spec, write the result JSON it names.
+
+    The result is ``work(spec)`` plus ``error`` (None, or the traceback when ``work`` raised) and
+    ``vm_hwm_mb`` (:func:`vm_hwm_mb`). Returns the exit status: 1 when ``work`` raised, else 0.
+    """
+    spec = json.loads(spec_path.read_text())
+    result: dict[str, Any] = {"error": None}
+    code = 0
+    try:
+        result.update(work(spec))
+    except Exception as e:  # recorded by the parent, which goes on with the next job
+        result["error"] = "".join(traceback.format_exception(e))
+        code = 1
+    result["vm_hwm_mb"] = vm_hwm_mb()
+    write_atomic(Path(spec["result"]), json.dumps(result, default=str).encode())
+    return code
+
+
+def run_child(script: str, spec: dict[str, Any], tmp: Path, timeout: int) -> dict[str, Any]:
+    """Run ``python <script> --_one SPEC.json`` (cwd the repository root) and return its result JSON.
+
+    ``spec`` is written to ``tmp`` with ``spec["result"]`` set (in the caller's dict too) to the path
+    the child writes its result to. A child that dies or runs past ``timeout`` seconds gives
+    ``{"error": ...}`` alone. ``result["vm_hwm_mb"]`` is the child's own peak RSS: ``ru_maxrss`` from
+    ``wait4`` is no use here, because a child started with vfork + exec inherits the parent's
+    high-water mark (measured: a child peaking at 11 MB reports 826 MB under a parent holding 800 MB).
+    """
+    spec_path = tmp / f"spec_{time.monotonic_ns()}.json"
+    spec["result"] = str(spec_path.with_suffix(".result.json"))
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(script).resolve()), "--_one", str(spec_path)]
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, cwd=REPO_ROOT)
+    try:
+        why = f"exit status {proc.wait(timeout=timeout)}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        why = f"killed after the {timeout} s timeout"
+    result_path = Path(spec["result"])
+    if not result_path.is_file():
+        return {"error": f"quantization subprocess died ({why}; out of memory?)"}
+    return json.loads(result_path.read_text())
+
+
+def choose_calib(folder: Path, size: int, seed: int) -> list[Path]:
+    """A seeded sample of ``size`` images of ``folder`` (read recursively), in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images under {folder}")
+    if size >= len(files):
+        return files
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in np.sort(rng.choice(len(files), size=size, replace=False))]
+
+
+# ---------------------------------------------------------------------------------------------
+# runs and outputs
+
+
+@dataclass
+class ModelRun:
+    """Everything measured on one model (scripts subclass it with their own rows)."""
+
+    name: str
+    fp32_path: Path
+    data: EvalSet
+    reference_top1: float | None
+
+
+RunT = TypeVar("RunT", bound=ModelRun)
+
+
+def load_references(bench_dir: Path) -> dict[str, Any]:
+    """The README's FP32 results by model (``<bench>/reference_fp32.json``); empty when absent."""
+    path = bench_dir / "reference_fp32.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def now_iso() -> str:
+    """The local time to the second, with its UTC offset: when a run started."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def exit_status(failed: list[str]) -> int:
+    """1 after logging the ``failed`` rows, or 0 when there are none."""
+    if failed:
+        log(f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def fmt(x: float | None, spec: str) -> str:
+    """``x`` formatted with the format ``spec``, or "-" for None."""
+    return "-" if x is None else format(x, spec)
+
+
+def relative_path(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when it lies below it, else ``path`` as given."""
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_section(path: Path, text: str, section: str) -> None:
+    """Put ``text`` in place of the marked ``section`` of the markdown file ``path``, atomically."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else None
+    write_atomic(path, merge_section(old, text, section).encode())
+
+
+def results_doc(
+    meta: dict[str, Any], runs: Sequence[RunT], body: Callable[[RunT], dict[str, Any]]
+) -> dict[str, Any]:
+    """The raw-results document: schema 1, ``meta`` (less ``json_rel``), then per model its eval
+    size, README FP32 top-1 and ``body(run)``."""
+    return {
+        "schema": 1,
+        **{k: v for k, v in meta.items() if k != "json_rel"},
+        "models": {
+            run.name: {
+                "eval_images": int(len(run.data.y)),
+                "reference_fp32_top1": run.reference_top1,
+                **body(run),
+            }
+            for run in runs
+        },
     }

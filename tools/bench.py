@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -53,13 +51,8 @@ from onnx_mixquant import (
     quantize,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: model name -> dataset folder under bench/data.
-MODELS: dict[str, str] = {
-    "resnet20_cifar10": "cifar10",
-    "resnet56_cifar10": "cifar10",
-    "efficientnet_lite0": "imagenet",
-}
+MODELS: dict[str, str] = {name: spec.dataset for name, spec in bd.MODELS.items()}
 METHODS: tuple[str, ...] = (
     "fp32",
     "uniform-w8",
@@ -114,23 +107,18 @@ class Result:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line and fill in the --quick defaults."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = bd.new_parser(__doc__)
     p.add_argument("--models", help=f"comma list (default: {','.join(MODELS)})")
     p.add_argument("--methods", help=f"comma list (default: all of {','.join(METHODS)})")
     p.add_argument("--qem", default="300", help="comma list of QEM values for qem-model (default 300)")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_MODELS[0]}, {QUICK_LIMIT} images, methods {','.join(QUICK_METHODS)}; "
+    bd.add_io_args(
+        p,
+        quick_help=f"{QUICK_MODELS[0]}, {QUICK_LIMIT} images, methods {','.join(QUICK_METHODS)}; "
         "writes files only when --out/--json are given",
+        out_help="markdown file (default: BENCHMARKS.md at the repo root)",
+        json_help="raw results (default: benchmarks/results.json beside --out)",
     )
-    p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
-    p.add_argument("--out", type=Path, help="markdown file (default: BENCHMARKS.md at the repo root)")
-    p.add_argument("--json", type=Path, help="raw results (default: benchmarks/results.json beside --out)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument(
@@ -144,28 +132,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Resolve --quick, validate the lists, and default the output paths."""
-    args.models = _split(args.models) if args.models else list(QUICK_MODELS if args.quick else MODELS)
-    args.methods = _split(args.methods) if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    args.models = bd.split_list(args.models) if args.models else list(QUICK_MODELS if args.quick else MODELS)
+    args.methods = (
+        bd.split_list(args.methods) if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    )
     if args.quick and args.limit is None:
         args.limit = QUICK_LIMIT
-    for bad in [m for m in args.models if m not in MODELS]:
-        p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
-    for bad in [m for m in args.methods if m not in METHODS]:
-        p.error(f"unknown method {bad!r}; choose from {', '.join(METHODS)}")
+    bd.check_choices(p, args.models, MODELS, "model")
+    bd.check_choices(p, args.methods, METHODS, "method")
     try:
-        args.qem = [float(q) for q in _split(args.qem)]
+        args.qem = [float(q) for q in bd.split_list(args.qem)]
     except ValueError:
         p.error(f"--qem: expected a comma list of numbers, got {args.qem!r}")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be positive")
     write = not args.quick or args.out is not None or args.json is not None
-    args.out = (args.out or REPO_ROOT / "BENCHMARKS.md") if write else None
+    args.out = (args.out or bd.REPO_ROOT / "BENCHMARKS.md") if write else None
     args.json = (args.json or args.out.parent / "benchmarks" / "results.json") if write else None
     _check_bench_dir(p, args)
 
@@ -183,11 +167,6 @@ def _check_bench_dir(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     missing = [str(f) for f in needed if not f.is_file()]
     if missing:
         p.error(f"benchmark folder {bench} is incomplete; missing: {', '.join(missing)}")
-
-
-def command_line(argv: list[str]) -> str:
-    """The command as it would be typed from the repository root."""
-    return shlex.join(["python", "tools/bench.py", *argv])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +236,9 @@ def fill_from_report(res: Result, report: Report, seconds: float) -> None:
 
 
 @dataclass
-class ModelRun:
-    """Everything measured on one model."""
+class ModelRun(bd.ModelRun):
+    """Everything measured on one model: its result rows and weight counts."""
 
-    name: str
-    fp32_path: Path
-    data: bd.EvalSet
-    reference_top1: float | None
     results: list[Result] = field(default_factory=list)
     w4_bytes: int | None = None
     quantized_params: int | None = None
@@ -369,10 +344,6 @@ def _hist(widths: dict[str, int]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in widths.items())
 
 
-def _f(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
     return {
@@ -391,14 +362,14 @@ def row_cells(r: Result) -> list[str]:
     mb = None if r.output_bytes is None else r.output_bytes / 1e6
     return [
         r.method,
-        _f(r.top1, ".4f"),
-        _f(r.drop_pts, "+.2f"),
-        _f(r.average_bits, ".3f"),
-        _f(r.storage_bits, ".3f"),
+        bd.fmt(r.top1, ".4f"),
+        bd.fmt(r.drop_pts, "+.2f"),
+        bd.fmt(r.average_bits, ".3f"),
+        bd.fmt(r.storage_bits, ".3f"),
         f"{r.output_bytes:,}" if r.output_bytes else "-",
-        _f(mb, ".3f"),
-        _f(r.size_ratio, ".3f"),
-        _f(r.quantize_s, ".2f"),
+        bd.fmt(mb, ".3f"),
+        bd.fmt(r.size_ratio, ".3f"),
+        bd.fmt(r.quantize_s, ".2f"),
         _hist(r.widths) or "-",
     ]
 
@@ -441,7 +412,7 @@ def _compare(by: dict[str, Result], mine: str, theirs: str, what: str) -> str | 
     d = 100.0 * (a.top1 - b.top1)
     verdict = "MixQuant better" if d > 0 else "tie" if d == 0 else "uniform better"
     return (
-        f"{what}: {mine} {a.top1:.4f} ({_f(a.average_bits, '.2f')} avg bits) vs {theirs} "
+        f"{what}: {mine} {a.top1:.4f} ({bd.fmt(a.average_bits, '.2f')} avg bits) vs {theirs} "
         f"{b.top1:.4f} ({d:+.2f} pts): **{verdict}**"
     )
 
@@ -489,20 +460,15 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
 
 def results_json(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     """The raw results as JSON text."""
-    doc = {
-        "schema": 1,
-        **{k: v for k, v in meta.items() if k != "json_rel"},
-        "models": {
-            run.name: {
-                "eval_images": int(len(run.data.y)),
-                "reference_fp32_top1": run.reference_top1,
-                "quantized_params": run.quantized_params,
-                "w4_bytes": run.w4_bytes,
-                "results": [asdict(r) for r in run.results],
-            }
-            for run in runs
+    doc = bd.results_doc(
+        meta,
+        runs,
+        lambda run: {
+            "quantized_params": run.quantized_params,
+            "w4_bytes": run.w4_bytes,
+            "results": [asdict(r) for r in run.results],
         },
-    }
+    )
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -518,56 +484,43 @@ def stdout_table(runs: list[ModelRun]) -> str:
             mb = None if r.output_bytes is None else r.output_bytes / 1e6
             lines.append(
                 f"{run.name:<20} {r.method:<18} "
-                f"{'ERROR' if r.error else _f(r.top1, '.4f'):>7} {_f(r.drop_pts, '+.2f'):>7} "
-                f"{_f(r.average_bits, '.2f'):>6} {_f(r.storage_bits, '.2f'):>6} "
-                f"{_f(mb, '.3f'):>7} {_f(r.size_ratio, '.3f'):>6} {_f(r.quantize_s, '.2f'):>7}"
+                f"{'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} {bd.fmt(r.drop_pts, '+.2f'):>7} "
+                f"{bd.fmt(r.average_bits, '.2f'):>6} {bd.fmt(r.storage_bits, '.2f'):>6} "
+                f"{bd.fmt(mb, '.3f'):>7} {bd.fmt(r.size_ratio, '.3f'):>6} {bd.fmt(r.quantize_s, '.2f'):>7}"
             )
     return "\n".join(lines)
 
 
 def write_outputs(runs: list[ModelRun], meta: dict[str, Any], args: argparse.Namespace) -> None:
     """BENCHMARKS.md section and raw JSON, both written atomically."""
-    out: Path = args.out
-    old = out.read_text(encoding="utf-8") if out.is_file() else None
-    bd.write_atomic(out, bd.merge_section(old, render_section(runs, meta), "weight-only").encode())
+    bd.write_section(args.out, render_section(runs, meta), "weight-only")
     bd.write_atomic(args.json, results_json(runs, meta).encode())
-    bd.log(f"wrote {out} and {args.json}")
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
+    bd.log(f"wrote {args.out} and {args.json}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 1 when any quantization or evaluation failed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    refs_path = args.bench_dir / "reference_fp32.json"
-    refs = json.loads(refs_path.read_text()) if refs_path.is_file() else {}
+    refs = bd.load_references(args.bench_dir)
     t0 = time.perf_counter()
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    started = bd.now_iso()
     with tempfile.TemporaryDirectory(prefix="mixquant-bench-") as tmp:
         runs = [run_model(name, Path(tmp), args, refs) for name in args.models]
     meta = {
-        "command": command_line(argv),
+        "command": bd.command_line(__file__, argv),
         "date": started,
         "total_s": time.perf_counter() - t0,
         "machine": machine_info(args),
         "limit": args.limit,
         "qem": args.qem,
-        "json_rel": _relative(args.json, args.out.parent) if args.json else None,
+        "json_rel": bd.relative_path(args.json, args.out.parent) if args.json else None,
     }
     if args.out is not None:
         write_outputs(runs, meta, args)
     print(stdout_table(runs))
     print(f"total {meta['total_s']:.1f} s")
-    failed = [f"{r.model} {r.method}" for run in runs for r in run.results if r.error]
-    if failed:
-        bd.log(f"FAILED: {', '.join(failed)}")
-    return 1 if failed else 0
+    return bd.exit_status([f"{r.model} {r.method}" for run in runs for r in run.results if r.error])
 
 
 if __name__ == "__main__":

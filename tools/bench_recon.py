@@ -33,12 +33,9 @@ method), each row keeping the command that produced it, and the BENCHMARKS.md se
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,12 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import _bench_data as bd
-import numpy as np
 
 from onnx_mixquant import (
     ActivationConfig,
     CalibMethod,
-    ImageSpec,
     QuantConfig,
     Report,
     SearchConfig,
@@ -63,9 +58,7 @@ from onnx_mixquant import (
     quantize,
 )
 from onnx_mixquant.config import RECON_PRESETS, ReconConfig, RoundingMethod
-from onnx_mixquant.preprocess import IMAGE_SUFFIXES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTION = "recon"
 SCHEMA = 1
 PRESET = "cpu-fast"
@@ -80,21 +73,7 @@ QUICK_MODEL, QUICK_BITS, QUICK_ACTS, QUICK_LIMIT, QUICK_ITERS = "resnet20_cifar1
 PROGRESS_STEP = 0.25
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which image set a model reads and the onnx_mixquant preprocessing that matches the README."""
-
-    dataset: str
-    image_spec: ImageSpec
-
-
-CIFAR_SPEC = ImageSpec(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-IMAGENET_SPEC = ImageSpec(crop=(224, 224), scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
-MODELS: dict[str, ModelSpec] = {
-    "resnet20_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
-    "resnet56_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
-    "efficientnet_lite0": ModelSpec("imagenet", IMAGENET_SPEC),
-}
+MODELS = bd.MODELS
 
 
 @dataclass
@@ -137,9 +116,7 @@ class Row:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line and fill in the --quick and preset defaults."""
     iters, samples, batch = RECON_PRESETS[PRESET]
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = bd.new_parser(__doc__)
     p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default {QUICK_MODEL})")
     p.add_argument("--bits", help="comma list of average weight widths (default 4,3)")
     p.add_argument("--acts", help="comma list of activation modes: w (weight-only), a8 (default w,a8)")
@@ -150,11 +127,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
-    p.add_argument("--quick", action="store_true", help="resnet20 W4A8, 2000 eval images, 200 iterations")
-    p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
-    p.add_argument("--out", type=Path, help="markdown file (default BENCHMARKS.md; --quick: none)")
-    p.add_argument("--json", type=Path, help="raw results (default benchmarks/recon.json beside --out)")
+    bd.add_io_args(
+        p,
+        quick_help="resnet20 W4A8, 2000 eval images, 200 iterations",
+        out_help="markdown file (default BENCHMARKS.md; --quick: none)",
+        json_help="raw results (default benchmarks/recon.json beside --out)",
+    )
     p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
     p.add_argument("--child-timeout", type=int, default=7200, help="seconds per quantization subprocess")
@@ -165,37 +143,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_iters: int) -> None:
     """Resolve --quick, validate the lists, and default the output paths."""
     q = args.quick
-    args.models = _split(args.models or QUICK_MODEL)
-    args.bits = [int(b) for b in _split(args.bits or (QUICK_BITS if q else "4,3"))]
-    args.acts = _split(args.acts or (QUICK_ACTS if q else "w,a8"))
-    args.methods = _split(args.methods or ",".join(METHODS))
+    args.models = bd.split_list(args.models or QUICK_MODEL)
+    args.bits = [int(b) for b in bd.split_list(args.bits or (QUICK_BITS if q else "4,3"))]
+    args.acts = bd.split_list(args.acts or (QUICK_ACTS if q else "w,a8"))
+    args.methods = bd.split_list(args.methods or ",".join(METHODS))
     args.iters = args.iters or (QUICK_ITERS if q else preset_iters)
     if q and args.limit is None:
         args.limit = QUICK_LIMIT
-    for bad in [m for m in args.models if m not in MODELS]:
-        p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
-    for bad in [m for m in args.methods if m not in ALL_METHODS]:
-        p.error(f"unknown method {bad!r}; choose from {', '.join(ALL_METHODS)}")
-    for bad in [a for a in args.acts if a not in ACTS]:
-        p.error(f"unknown activation mode {bad!r}; choose from {', '.join(ACTS)}")
+    bd.check_choices(p, args.models, MODELS, "model")
+    bd.check_choices(p, args.methods, ALL_METHODS, "method")
+    bd.check_choices(p, args.acts, ACTS, "activation mode")
     for bad in [b for b in args.bits if not 2 <= b <= 8]:
         p.error(f"--bits: {bad} is not in 2..8")
-    if args.out is None and not q:
-        args.out = REPO_ROOT / "BENCHMARKS.md"
-    if args.json is None and args.out is not None:
-        args.json = args.out.parent / "benchmarks" / "recon.json"
-
-
-def command_line(argv: list[str]) -> str:
-    """The command as it would be typed from the repository root."""
-    return shlex.join(["python", "tools/bench_recon.py", *argv])
+    bd.default_outputs(args, "recon.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,68 +249,13 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_main(spec_path: Path) -> int:
-    """Entry of a ``--_one`` subprocess: run one quantization, write its result JSON."""
+    """Entry of a ``--_one`` subprocess: log to stderr, run one quantization, write its result JSON."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="  %(name)s: %(message)s")
-    spec = json.loads(spec_path.read_text())
-    result: dict[str, Any] = {"error": None}
-    code = 0
-    try:
-        result.update(_child_quantize(spec))
-    except Exception as e:  # recorded by the parent, which goes on with the next job
-        result["error"] = "".join(traceback.format_exception(e))
-        code = 1
-    result["vm_hwm_mb"] = vm_hwm_mb()
-    bd.write_atomic(Path(spec["result"]), json.dumps(result, default=str).encode())
-    return code
-
-
-def vm_hwm_mb() -> float | None:
-    """This process's peak resident set size (VmHWM of /proc/self/status) in MB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return None
-
-
-def run_child(spec: dict[str, Any], tmp: Path, timeout: int) -> dict[str, Any]:
-    """Run one ``--_one`` subprocess and return its result JSON (``vm_hwm_mb``: its own peak RSS).
-
-    The child's own VmHWM is used because ``ru_maxrss`` of a vfork+exec child inherits the parent's
-    high-water mark (see tools/bench_static.py).
-    """
-    spec_path = tmp / f"spec_{time.monotonic_ns()}.json"
-    spec["result"] = str(spec_path.with_suffix(".result.json"))
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(spec_path)]
-    proc = subprocess.Popen(cmd, stdout=sys.stderr, cwd=REPO_ROOT)
-    try:
-        why = f"exit status {proc.wait(timeout=timeout)}"
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        why = f"killed after the {timeout} s timeout"
-    result_path = Path(spec["result"])
-    if not result_path.is_file():
-        return {"error": f"quantization subprocess died ({why}; out of memory?)"}
-    return json.loads(result_path.read_text())
+    return bd.child_main(spec_path, _child_quantize)
 
 
 # ---------------------------------------------------------------------------------------------
 # one model
-
-
-def choose_calib(folder: Path, size: int, seed: int) -> list[Path]:
-    """A seeded sample of ``size`` images of ``folder`` (read recursively), in sorted order."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images under {folder}")
-    if size >= len(files):
-        return files
-    rng = np.random.default_rng(seed)
-    return [files[i] for i in np.sort(rng.choice(len(files), size=size, replace=False))]
 
 
 def _recon_stats(row: Row, recon: dict[str, Any] | None) -> None:
@@ -381,8 +289,8 @@ def run_job(row: Row, job: dict[str, Any], data: bd.EvalSet, tmp: Path, args: ar
     out = tmp / f"{row.model}.w{row.bits}.{row.acts}.{row.method.replace('+', '-')}.onnx"
     bd.log(f"[{label}] quantizing (subprocess)")
     try:
-        fill_from_result(row, run_child({**job, "out": str(out)}, tmp, args.child_timeout))
-        bd.log(f"[{label}] quantized in {row.quantize_s:.1f} s, peak RSS {_f(row.peak_rss_mb, '.0f')} MB")
+        fill_from_result(row, bd.run_child(__file__, {**job, "out": str(out)}, tmp, args.child_timeout))
+        bd.log(f"[{label}] quantized in {row.quantize_s:.1f} s, peak RSS {bd.fmt(row.peak_rss_mb, '.0f')} MB")
         row.top1 = bd.top1(bd.make_session(out, "all", args.threads), data, args.eval_batch, label)
         row.drop_pts = None if row.fp32_top1 is None else 100.0 * (row.top1 - row.fp32_top1)
     except Exception as e:  # the bench records library failures and goes on with the next job
@@ -414,7 +322,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
     fp32 = bd.top1(bd.make_session(model_path, "all", args.threads), data, args.eval_batch, f"{name} fp32")
     ctx["fp32"][name] = {"top1": fp32, "eval_images": int(len(data.y)), "run": ctx["run_id"]}
     folder = args.bench_dir / "data" / spec.dataset / "calib"
-    files = choose_calib(folder, max(args.calib_size, args.samples), args.seed)
+    files = bd.choose_calib(folder, max(args.calib_size, args.samples), args.seed)
     calib_list = tmp / f"{name}.calib.txt"
     calib_list.write_text("\n".join(str(f) for f in files))
     rows: list[Row] = []
@@ -475,26 +383,12 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
     """Raw JSON and the BENCHMARKS.md section, both written atomically."""
     bd.write_atomic(args.json, (json.dumps(doc, indent=2, default=str) + "\n").encode())
-    out: Path = args.out
-    old = out.read_text(encoding="utf-8") if out.is_file() else None
-    text = render_section(doc, _relative(args.json, out.parent))
-    bd.write_atomic(out, bd.merge_section(old, text, SECTION).encode())
-    bd.log(f"wrote {out} and {args.json}")
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
+    bd.write_section(args.out, render_section(doc, bd.relative_path(args.json, args.out.parent)), SECTION)
+    bd.log(f"wrote {args.out} and {args.json}")
 
 
 # ---------------------------------------------------------------------------------------------
 # rendering
-
-
-def _f(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def _grid(r: dict[str, Any]) -> str:
@@ -530,12 +424,12 @@ def row_cells(r: dict[str, Any], run_no: dict[str, int]) -> list[str]:
     return [
         *head,
         _grid(r),
-        _f(r.get("top1"), ".4f"),
-        _f(r.get("drop_pts"), "+.2f"),
-        f"{_f(r.get('average_bits'), '.2f')} / {_f(r.get('storage_bits'), '.2f')}",
-        _f(r.get("quantize_s"), ".1f"),
-        _f(r.get("peak_rss_mb"), ".0f"),
-        _f(r.get("iters_per_s"), ".1f"),
+        bd.fmt(r.get("top1"), ".4f"),
+        bd.fmt(r.get("drop_pts"), "+.2f"),
+        f"{bd.fmt(r.get('average_bits'), '.2f')} / {bd.fmt(r.get('storage_bits'), '.2f')}",
+        bd.fmt(r.get("quantize_s"), ".1f"),
+        bd.fmt(r.get("peak_rss_mb"), ".0f"),
+        bd.fmt(r.get("iters_per_s"), ".1f"),
         units,
         run,
     ]
@@ -589,7 +483,7 @@ def model_block(
 ) -> list[str]:
     """One model's heading, table and summaries."""
     fp = doc["fp32"].get(model, {})
-    fp_txt = f"FP32 top-1 {_f(fp.get('top1'), '.4f')} on {fp.get('eval_images', '?')} eval images"
+    fp_txt = f"FP32 top-1 {bd.fmt(fp.get('top1'), '.4f')} on {fp.get('eval_images', '?')} eval images"
     lines = [f"### {model}", "", f"{fp_txt} (run [{run_no.get(fp.get('run'), '?')}]).", ""]
     lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
     lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in rows]
@@ -678,9 +572,9 @@ def stdout_table(rows: list[Row]) -> str:
         units = "-" if r.units_total is None else f"{r.units_learned}/{r.units_total}"
         lines.append(
             f"{r.model:<17} {r.bits:>2} {r.acts:<4} {r.method:<17} {_grid(d):<5} "
-            f"{'ERROR' if r.error else _f(r.top1, '.4f'):>7} {_f(r.drop_pts, '+.2f'):>6} "
-            f"{_f(r.average_bits, '.2f') + '/' + _f(r.storage_bits, '.2f'):>11} {_f(r.quantize_s, '.1f'):>7} "
-            f"{_f(r.peak_rss_mb, '.0f'):>7} {_f(r.iters_per_s, '.1f'):>6} {units:>7}"
+            f"{'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} {bd.fmt(r.drop_pts, '+.2f'):>6} "
+            f"{bd.fmt(r.average_bits, '.2f') + '/' + bd.fmt(r.storage_bits, '.2f'):>11} {bd.fmt(r.quantize_s, '.1f'):>7} "
+            f"{bd.fmt(r.peak_rss_mb, '.0f'):>7} {bd.fmt(r.iters_per_s, '.1f'):>6} {units:>7}"
         )
     return "\n".join(lines)
 
@@ -691,10 +585,10 @@ def stdout_table(rows: list[Row]) -> str:
 
 def make_context(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """The run record, the FP32 results, and the per-group save callback (merge + write)."""
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    started = bd.now_iso()
     run = {
         "id": started,
-        "command": command_line(argv),
+        "command": bd.command_line(__file__, argv),
         "date": started,
         "total_s": None,
         "machine": machine_info(args),
@@ -731,10 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in summaries(doc):
         print(line)
     print(f"total {ctx['run']['total_s']:.1f} s")
-    failed = [f"{r.model} W{r.bits} {r.acts} {r.method}" for r in rows if r.error]
-    if failed:
-        bd.log(f"FAILED: {', '.join(failed)}")
-    return 1 if failed else 0
+    return bd.exit_status([f"{r.model} W{r.bits} {r.acts} {r.method}" for r in rows if r.error])
 
 
 def summaries(doc: dict[str, Any]) -> list[str]:

@@ -35,12 +35,9 @@ that the tool's peak memory does not grow with the number of calibration images.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,30 +70,15 @@ from onnx_mixquant import (
 )
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant.graph import node_names
-from onnx_mixquant.preprocess import IMAGE_SUFFIXES, ImagePreprocessor
+from onnx_mixquant.preprocess import ImagePreprocessor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Latency ratios this close (relative) are reported as "within" (run-to-run spread of the medians).
 LATENCY_TOLERANCE = 0.03
 SECTION = "static"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which image set a model reads and the onnx_mixquant preprocessing that matches the README."""
-
-    dataset: str
-    image_spec: ImageSpec
-
-
-CIFAR_SPEC = ImageSpec(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-IMAGENET_SPEC = ImageSpec(crop=(224, 224), scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
-MODELS: dict[str, ModelSpec] = {
-    "resnet20_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
-    "resnet56_cifar10": ModelSpec("cifar10", CIFAR_SPEC),
-    "efficientnet_lite0": ModelSpec("imagenet", IMAGENET_SPEC),
-}
+MODELS = bd.MODELS
 #: onnxruntime CalibrationMethod member by our lower-case name.
 ORT_METHODS: dict[str, str] = {
     "minmax": "MinMax",
@@ -133,13 +115,9 @@ class Row:
 
 
 @dataclass
-class ModelRun:
-    """Everything measured on one model."""
+class ModelRun(bd.ModelRun):
+    """Everything measured on one model: calibration, preprocessing checks and the rows."""
 
-    name: str
-    fp32_path: Path
-    data: bd.EvalSet
-    reference_top1: float | None
     calib: dict[str, Any] = field(default_factory=dict)
     prep_check: dict[str, Any] = field(default_factory=dict)
     ort_preprocess: dict[str, Any] = field(default_factory=dict)
@@ -152,9 +130,7 @@ class ModelRun:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line and fill in the --quick defaults."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = bd.new_parser(__doc__)
     p.add_argument("--models", help=f"comma list (default: {','.join(MODELS)})")
     p.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibrate methods")
     p.add_argument("--tool-methods", default=",".join(TOOL_METHODS), help="onnx_mixquant calib methods")
@@ -168,11 +144,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rss-model", help="model of the peak-memory check (default efficientnet_lite0)")
     p.add_argument("--rss-sizes", help="calibration sizes of that check (default 128,1024)")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per quantization subprocess")
-    p.add_argument("--quick", action="store_true", help="resnet20, 64 calib, 1000 eval images")
-    p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
-    p.add_argument("--out", type=Path, help="markdown file (default BENCHMARKS.md; --quick: none)")
-    p.add_argument("--json", type=Path, help="raw results (default benchmarks/static.json beside --out)")
+    bd.add_io_args(
+        p,
+        quick_help="resnet20, 64 calib, 1000 eval images",
+        out_help="markdown file (default BENCHMARKS.md; --quick: none)",
+        json_help="raw results (default benchmarks/static.json beside --out)",
+    )
     p.add_argument("--batch", type=int, default=100, help="eval batch size")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--_one", type=Path, help=argparse.SUPPRESS)
@@ -182,20 +159,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Resolve --quick, validate the lists, and default the output paths."""
-    args.models = _split(args.models) if args.models else ([QUICK_MODEL] if args.quick else list(MODELS))
-    args.ort_methods, args.tool_methods = _split(args.ort_methods), _split(args.tool_methods)
-    for bad in [m for m in args.models if m not in MODELS]:
-        p.error(f"unknown model {bad!r}; choose from {', '.join(MODELS)}")
-    for bad in [m for m in args.ort_methods if m not in ORT_METHODS]:
-        p.error(f"unknown onnxruntime method {bad!r}; choose from {', '.join(ORT_METHODS)}")
-    for bad in [m for m in args.tool_methods if m not in TOOL_METHODS]:
-        p.error(f"unknown onnx_mixquant method {bad!r}; choose from {', '.join(TOOL_METHODS)}")
+    args.models = (
+        bd.split_list(args.models) if args.models else ([QUICK_MODEL] if args.quick else list(MODELS))
+    )
+    args.ort_methods, args.tool_methods = bd.split_list(args.ort_methods), bd.split_list(args.tool_methods)
+    bd.check_choices(p, args.models, MODELS, "model")
+    bd.check_choices(p, args.ort_methods, ORT_METHODS, "onnxruntime method")
+    bd.check_choices(p, args.tool_methods, TOOL_METHODS, "onnx_mixquant method")
     if not args.tool_methods:
         p.error("--tool-methods: give at least one method")
     args.calib_size = args.calib_size or (QUICK_CALIB if args.quick else 256)
@@ -208,31 +180,14 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     args.rss_model = args.rss_model or (QUICK_MODEL if args.quick else "efficientnet_lite0")
     if args.rss_model not in MODELS:
         p.error(f"unknown --rss-model {args.rss_model!r}")
-    args.rss_sizes = [int(s) for s in _split(args.rss_sizes or ("64,512" if args.quick else "128,1024"))]
-    if args.out is None and not args.quick:
-        args.out = REPO_ROOT / "BENCHMARKS.md"
-    if args.json is None and args.out is not None:
-        args.json = args.out.parent / "benchmarks" / "static.json"
-
-
-def command_line(argv: list[str]) -> str:
-    """The command as it would be typed from the repository root."""
-    return shlex.join(["python", "tools/bench_static.py", *argv])
+    args.rss_sizes = [
+        int(s) for s in bd.split_list(args.rss_sizes or ("64,512" if args.quick else "128,1024"))
+    ]
+    bd.default_outputs(args, "static.json")
 
 
 # ---------------------------------------------------------------------------------------------
 # calibration images and preprocessing
-
-
-def choose_calib(folder: Path, size: int, seed: int) -> list[Path]:
-    """A seeded sample of ``size`` images of ``folder`` (read recursively), in sorted order."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images under {folder}")
-    if size >= len(files):
-        return files
-    rng = np.random.default_rng(seed)
-    return [files[i] for i in np.sort(rng.choice(len(files), size=size, replace=False))]
 
 
 def calib_info(files: list[Path], root: Path) -> dict[str, Any]:
@@ -275,7 +230,7 @@ def _predict(sess: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarra
     )
 
 
-def check_preprocessing(run: ModelRun, spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+def check_preprocessing(run: ModelRun, spec: bd.ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     """FP32 top-1 on eval images preprocessed by Pillow vs by onnx_mixquant's ImagePreprocessor."""
     root = args.bench_dir / "data" / spec.dataset
     rows = bd.read_csv(root / "eval.csv")
@@ -402,58 +357,13 @@ def report_details(report: Report) -> dict[str, Any]:
     return out
 
 
-def child_main(spec_path: Path) -> int:
-    """Entry of a ``--_one`` subprocess: run one quantization, write its result JSON."""
-    spec = json.loads(spec_path.read_text())
-    result: dict[str, Any] = {"error": None}
-    code = 0
-    try:
-        if spec["kind"] == "ort":
-            result.update(_child_ort(spec))
-        elif spec["kind"] == "tool":
-            result.update(_child_tool(spec))
-    except Exception as e:  # recorded by the parent, which goes on with the next variant
-        result["error"] = "".join(traceback.format_exception(e))
-        code = 1
-    result["vm_hwm_mb"] = vm_hwm_mb()
-    bd.write_atomic(Path(spec["result"]), json.dumps(result, default=str).encode())
-    return code
-
-
-def run_child(spec: dict[str, Any], tmp: Path, timeout: int) -> tuple[dict[str, Any], float | None]:
-    """Run one ``--_one`` subprocess; (its result JSON, its peak RSS in MB).
-
-    The peak is the child's own ``VmHWM``: ``ru_maxrss`` from ``wait4`` is no use here, because a
-    child started with vfork + exec inherits the parent's high-water mark (measured: a child
-    peaking at 11 MB reports 826 MB under a parent holding 800 MB).
-    """
-    spec_path = tmp / f"spec_{time.monotonic_ns()}.json"
-    spec["result"] = str(spec_path.with_suffix(".result.json"))
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", str(spec_path)]
-    proc = subprocess.Popen(cmd, stdout=sys.stderr, cwd=REPO_ROOT)
-    try:
-        why = f"exit status {proc.wait(timeout=timeout)}"
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        why = f"killed after the {timeout} s timeout"
-    result_path = Path(spec["result"])
-    if not result_path.is_file():
-        return {"error": f"quantization subprocess died ({why}; out of memory?)"}, None
-    result = json.loads(result_path.read_text())
-    return result, result.get("vm_hwm_mb")
-
-
-def vm_hwm_mb() -> float | None:
-    """This process's peak resident set size (VmHWM of /proc/self/status) in MB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return None
+def _child_work(spec: dict[str, Any]) -> dict[str, Any]:
+    """The work of a ``--_one`` subprocess by ``spec["kind"]``: ort, tool, or (noop) nothing."""
+    if spec["kind"] == "ort":
+        return _child_ort(spec)
+    if spec["kind"] == "tool":
+        return _child_tool(spec)
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,12 +428,13 @@ def quantize_variant(
     spec.update(name=run.name, out=str(out), method=row.calib_method)
     bd.log(f"[{run.name} {row.variant}] quantizing (subprocess)")
     try:
-        result, row.peak_rss_mb = run_child(spec, tmp, args.child_timeout)
+        result = bd.run_child(__file__, spec, tmp, args.child_timeout)
+        row.peak_rss_mb = result.get("vm_hwm_mb")
         row.details.update(result.get("details", {}))
         if result.get("error"):
             raise RuntimeError(f"quantization failed in the subprocess:\n{result['error']}")
         row.quantize_s = result["quantize_s"]
-        rss = _f(row.peak_rss_mb, ".0f")
+        rss = bd.fmt(row.peak_rss_mb, ".0f")
         bd.log(f"[{run.name} {row.variant}] quantized in {row.quantize_s:.2f} s, peak RSS {rss} MB")
         evaluate_row(row, out, run, run.rows[0], args)
     except Exception as e:  # the bench records library failures and goes on with the next variant
@@ -627,7 +538,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, refs: dict[str, An
     ref = refs.get(name, {}).get("top1_eval")
     run = ModelRun(name, args.bench_dir / "models" / f"{name}.onnx", data, ref)
     folder = args.bench_dir / "data" / spec.dataset / "calib"
-    files = choose_calib(folder, args.calib_size, args.seed)
+    files = bd.choose_calib(folder, args.calib_size, args.seed)
     calib_list = tmp / f"{name}.calib.txt"
     calib_list.write_text("\n".join(str(f) for f in files))
     run.calib = calib_info(files, folder)
@@ -650,14 +561,15 @@ def rss_flatness(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     folder = args.bench_dir / "data" / spec.dataset / "calib"
     out: dict[str, Any] = {"model": name, "method": "minmax", "runs": []}
     for size in args.rss_sizes:
-        files = choose_calib(folder, size, args.seed)
+        files = bd.choose_calib(folder, size, args.seed)
         calib_list = tmp / f"rss.{size}.calib.txt"
         calib_list.write_text("\n".join(str(f) for f in files))
         job = {"kind": "tool", "name": name, "model": str(args.bench_dir / "models" / f"{name}.onnx")}
         job.update(calib=str(calib_list), out=str(tmp / f"rss.{size}.onnx"), method="minmax")
         job.update(symmetric=False, target_bits=None)
         bd.log(f"[rss {name}] W8A8 minmax with {len(files)} calibration images (subprocess)")
-        result, rss = run_child(job, tmp, args.child_timeout)
+        result = bd.run_child(__file__, job, tmp, args.child_timeout)
+        rss = result.get("vm_hwm_mb")
         acts = result.get("details", {}).get("activations", {})
         out["runs"].append(
             {
@@ -669,17 +581,13 @@ def rss_flatness(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         bd.log(f"[rss {name}] {len(files)} images: peak RSS {rss:.0f} MB")
-    _, base = run_child({"kind": "noop"}, tmp, args.child_timeout)
+    base = bd.run_child(__file__, {"kind": "noop"}, tmp, args.child_timeout).get("vm_hwm_mb")
     out["baseline_imports_rss_mb"] = base
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # output
-
-
-def _f(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -714,14 +622,14 @@ def row_cells(r: Row, run: ModelRun) -> list[str]:
         return [r.variant, f"error: {last}"] + ["-"] * (len(TABLE_HEAD) - 2)
     return [
         r.variant,
-        _f(r.top1, ".4f"),
-        _f(r.drop_pts, "+.2f"),
-        _f(None if r.output_bytes is None else r.output_bytes / 1e6, ".3f"),
-        _f(r.size_ratio, ".3f"),
-        _f(r.quantize_s, ".2f"),
-        _f(r.peak_rss_mb, ".0f"),
-        _f(r.latency_ms, ".3f"),
-        _f(r.latency_ratio, ".2f"),
+        bd.fmt(r.top1, ".4f"),
+        bd.fmt(r.drop_pts, "+.2f"),
+        bd.fmt(None if r.output_bytes is None else r.output_bytes / 1e6, ".3f"),
+        bd.fmt(r.size_ratio, ".3f"),
+        bd.fmt(r.quantize_s, ".2f"),
+        bd.fmt(r.peak_rss_mb, ".0f"),
+        bd.fmt(r.latency_ms, ".3f"),
+        bd.fmt(r.latency_ratio, ".2f"),
         _kernels(r),
         row_note(r, run),
     ]
@@ -783,8 +691,8 @@ def _sentence(v: dict[str, Any], what: str) -> str:
         lat = f"{rel:+.1%}: **slower**"
     return (
         f"{what} `{v['ours']}` vs best onnxruntime `{v['theirs']}`: {v['top1_diff_pts']:+.2f} pts top-1 "
-        f"({acc}); latency {_f(v['latency_ratio_ours'], '.2f')}x vs {_f(v['latency_ratio_theirs'], '.2f')}x "
-        f"FP32 ({lat})"
+        f"({acc}); latency {bd.fmt(v['latency_ratio_ours'], '.2f')}x vs "
+        f"{bd.fmt(v['latency_ratio_theirs'], '.2f')}x FP32 ({lat})"
     )
 
 
@@ -806,11 +714,11 @@ def prep_line(run: ModelRun) -> str:
     pre_txt = "applied" if pre.get("done") else f"FAILED ({pre.get('error')}), original model used"
     return (
         f"Calibration: {run.calib.get('count')} images (seed sample, sha1 {run.calib.get('sha1')}); "
-        f"Pillow vs onnx_mixquant preprocessing on them: max |diff| {_f(c.get('max_abs_diff'), '.3g')}, "
+        f"Pillow vs onnx_mixquant preprocessing on them: max |diff| {bd.fmt(c.get('max_abs_diff'), '.3g')}, "
         f"{c.get('images_differing')} images differ. FP32 on {p.get('images')} eval images: top-1 "
-        f"{_f(p.get('top1_pil'), '.4f')} (Pillow) vs {_f(p.get('top1_tool'), '.4f')} (onnx_mixquant "
+        f"{bd.fmt(p.get('top1_pil'), '.4f')} (Pillow) vs {bd.fmt(p.get('top1_tool'), '.4f')} (onnx_mixquant "
         f"ImagePreprocessor), {p.get('predictions_differing')} predictions differ, max |diff| "
-        f"{_f(p.get('max_abs_diff'), '.3g')}. onnxruntime `quant_pre_process`: {pre_txt}."
+        f"{bd.fmt(p.get('max_abs_diff'), '.3g')}. onnxruntime `quant_pre_process`: {pre_txt}."
     )
 
 
@@ -830,14 +738,14 @@ def rss_table(rss: dict[str, Any]) -> list[str]:
         "",
         f"onnx_mixquant W8A8 ({rss['method']}) on {rss['model']}, each run in a fresh subprocess "
         f"(peak RSS = the subprocess's VmHWM; a subprocess that only imports the modules peaks at "
-        f"{_f(rss.get('baseline_imports_rss_mb'), '.0f')} MB).",
+        f"{bd.fmt(rss.get('baseline_imports_rss_mb'), '.0f')} MB).",
         "",
         "| calibration images | peak RSS MB | quantize s |",
         "|---|---|---|",
     ]
     for r in rss["runs"]:
         err = f" error: {r['error'].strip().splitlines()[-1]}" if r.get("error") else ""
-        rss_mb, secs = _f(r["peak_rss_mb"], ".0f"), _f(r["quantize_s"], ".1f")
+        rss_mb, secs = bd.fmt(r["peak_rss_mb"], ".0f"), bd.fmt(r["quantize_s"], ".1f")
         lines.append(f"| {r['calib_size']} | {rss_mb}{err} | {secs} |")
     return [*lines, ""]
 
@@ -897,23 +805,18 @@ def render_section(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[
 
 def results_json(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     """The raw results as JSON text."""
-    doc = {
-        "schema": 1,
-        **{k: v for k, v in meta.items() if k != "json_rel"},
-        "models": {
-            run.name: {
-                "eval_images": int(len(run.data.y)),
-                "reference_fp32_top1": run.reference_top1,
-                "calibration": run.calib,
-                "preprocessing_check": run.prep_check,
-                "ort_quant_pre_process": run.ort_preprocess,
-                "verdict": verdict(run),
-                "rows": [asdict(r) for r in run.rows],
-            }
-            for run in runs
+    doc = bd.results_doc(
+        meta,
+        runs,
+        lambda run: {
+            "calibration": run.calib,
+            "preprocessing_check": run.prep_check,
+            "ort_quant_pre_process": run.ort_preprocess,
+            "verdict": verdict(run),
+            "rows": [asdict(r) for r in run.rows],
         },
-        "rss_flatness": rss,
-    }
+    )
+    doc["rss_flatness"] = rss
     return json.dumps(doc, indent=2, default=str) + "\n"
 
 
@@ -929,15 +832,17 @@ def stdout_table(runs: list[ModelRun], rss: dict[str, Any] | None) -> str:
             mb = None if r.output_bytes is None else r.output_bytes / 1e6
             fused = "-" if r.fused is None else f"{r.fused}/{r.targets}"
             lines.append(
-                f"{run.name:<19} {r.variant:<24} {'ERROR' if r.error else _f(r.top1, '.4f'):>7} "
-                f"{_f(r.drop_pts, '+.2f'):>6} {_f(mb, '.3f'):>6} {_f(r.quantize_s, '.2f'):>7} "
-                f"{_f(r.peak_rss_mb, '.0f'):>7} {_f(r.latency_ms, '.3f'):>7} "
-                f"{_f(r.latency_ratio, '.2f'):>6} {fused:>6}"
+                f"{run.name:<19} {r.variant:<24} {'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} "
+                f"{bd.fmt(r.drop_pts, '+.2f'):>6} {bd.fmt(mb, '.3f'):>6} {bd.fmt(r.quantize_s, '.2f'):>7} "
+                f"{bd.fmt(r.peak_rss_mb, '.0f'):>7} {bd.fmt(r.latency_ms, '.3f'):>7} "
+                f"{bd.fmt(r.latency_ratio, '.2f'):>6} {fused:>6}"
             )
         lines.append(f"  {summary_line(run)}")
     if rss is not None:
-        sizes = ", ".join(f"{r['calib_size']} images {_f(r['peak_rss_mb'], '.0f')} MB" for r in rss["runs"])
-        base = _f(rss["baseline_imports_rss_mb"], ".0f")
+        sizes = ", ".join(
+            f"{r['calib_size']} images {bd.fmt(r['peak_rss_mb'], '.0f')} MB" for r in rss["runs"]
+        )
+        base = bd.fmt(rss["baseline_imports_rss_mb"], ".0f")
         lines.append(f"peak RSS {rss['model']} W8A8 minmax: {sizes} (imports only {base} MB)")
     return "\n".join(lines)
 
@@ -946,18 +851,9 @@ def write_outputs(
     runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[str, Any], args: argparse.Namespace
 ) -> None:
     """BENCHMARKS.md section and raw JSON, both written atomically."""
-    out: Path = args.out
-    old = out.read_text(encoding="utf-8") if out.is_file() else None
-    bd.write_atomic(out, bd.merge_section(old, render_section(runs, rss, meta), SECTION).encode())
+    bd.write_section(args.out, render_section(runs, rss, meta), SECTION)
     bd.write_atomic(args.json, results_json(runs, rss, meta).encode())
-    bd.log(f"wrote {out} and {args.json}")
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
+    bd.log(f"wrote {args.out} and {args.json}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -965,16 +861,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args._one is not None:
-        return child_main(args._one)
-    refs_path = args.bench_dir / "reference_fp32.json"
-    refs = json.loads(refs_path.read_text()) if refs_path.is_file() else {}
+        return bd.child_main(args._one, _child_work)
+    refs = bd.load_references(args.bench_dir)
     t0 = time.perf_counter()
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    started = bd.now_iso()
     with tempfile.TemporaryDirectory(prefix="mixquant-bench-static-") as tmp:
         runs = [run_model(name, Path(tmp), args, refs) for name in args.models]
         rss = rss_flatness(Path(tmp), args) if args.rss_sizes else None
     meta = {
-        "command": command_line(argv),
+        "command": bd.command_line(__file__, argv),
         "date": started,
         "total_s": time.perf_counter() - t0,
         "machine": machine_info(args),
@@ -985,16 +880,15 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "latency_runs": args.latency_runs,
         "latency_rounds": args.latency_rounds,
-        "json_rel": _relative(args.json, args.out.parent) if args.out is not None and args.json else None,
+        "json_rel": bd.relative_path(args.json, args.out.parent)
+        if args.out is not None and args.json
+        else None,
     }
     if args.out is not None:
         write_outputs(runs, rss, meta, args)
     print(stdout_table(runs, rss))
     print(f"total {meta['total_s']:.1f} s")
-    failed = [f"{r.model} {r.variant}" for run in runs for r in run.rows if r.error]
-    if failed:
-        bd.log(f"FAILED: {', '.join(failed)}")
-    return 1 if failed else 0
+    return bd.exit_status([f"{r.model} {r.variant}" for run in runs for r in run.rows if r.error])
 
 
 if __name__ == "__main__":
