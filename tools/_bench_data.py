@@ -268,13 +268,24 @@ def new_parser(doc: str) -> argparse.ArgumentParser:
     )
 
 
-def add_io_args(p: argparse.ArgumentParser, quick_help: str, out_help: str, json_help: str) -> None:
-    """Add ``--quick``, ``--bench-dir``, ``--cache-dir``, ``--out`` and ``--json``, in that order."""
+def add_io_args(
+    p: argparse.ArgumentParser,
+    quick_help: str,
+    json_name: str,
+    out_help: str = "markdown file (default BENCHMARKS.md; --quick: none)",
+    json_help: str | None = None,
+) -> None:
+    """Add ``--quick``, ``--bench-dir``, ``--cache-dir``, ``--out`` and ``--json``, in that order.
+
+    The default help texts describe :func:`default_outputs` with ``json_name``.
+    """
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "onnx-mixquant-bench")
     p.add_argument("--out", type=Path, help=out_help)
-    p.add_argument("--json", type=Path, help=json_help)
+    p.add_argument(
+        "--json", type=Path, help=json_help or f"raw results (default benchmarks/{json_name} beside --out)"
+    )
 
 
 def split_list(text: str) -> list[str]:
@@ -406,6 +417,21 @@ def exit_status(failed: list[str]) -> int:
     if failed:
         log(f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def table_head(columns: Sequence[tuple[str, str]]) -> list[str]:
+    """The first two lines of a fixed-width stdout table: the column names and a rule of dashes.
+
+    ``columns`` are (name, format spec) pairs, e.g. ``("top-1", ">7")``; :func:`table_row` formats
+    the cells with the same specs, so that they line up under the names.
+    """
+    head = " ".join(format(name, spec) for name, spec in columns)
+    return [head, "-" * len(head)]
+
+
+def table_row(columns: Sequence[tuple[str, str]], cells: Sequence[object]) -> str:
+    """One line of a fixed-width table: each cell formatted with its column's spec, one space apart."""
+    return " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, columns, strict=True))
 
 
 def fmt(x: float | None, spec: str) -> str:

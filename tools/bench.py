@@ -116,6 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p,
         quick_help=f"{QUICK_MODELS[0]}, {QUICK_LIMIT} images, methods {','.join(QUICK_METHODS)}; "
         "writes files only when --out/--json are given",
+        json_name="results.json",
         out_help="markdown file (default: BENCHMARKS.md at the repo root)",
         json_help="raw results (default: benchmarks/results.json beside --out)",
     )
@@ -472,22 +473,38 @@ def results_json(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
+#: (name, format spec) of the stdout table's columns.
+STDOUT_COLUMNS = (
+    ("model", "<20"),
+    ("method", "<18"),
+    ("top-1", ">7"),
+    ("dpts", ">7"),
+    ("avg", ">6"),
+    ("stor", ">6"),
+    ("MB", ">7"),
+    ("xFP32", ">6"),
+    ("q s", ">7"),
+)
+
+
 def stdout_table(runs: list[ModelRun]) -> str:
     """A compact fixed-width table of every row."""
-    head = (
-        f"{'model':<20} {'method':<18} {'top-1':>7} {'dpts':>7} {'avg':>6} {'stor':>6} "
-        f"{'MB':>7} {'xFP32':>6} {'q s':>7}"
-    )
-    lines = [head, "-" * len(head)]
+    lines = bd.table_head(STDOUT_COLUMNS)
     for run in runs:
         for r in run.results:
             mb = None if r.output_bytes is None else r.output_bytes / 1e6
-            lines.append(
-                f"{run.name:<20} {r.method:<18} "
-                f"{'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} {bd.fmt(r.drop_pts, '+.2f'):>7} "
-                f"{bd.fmt(r.average_bits, '.2f'):>6} {bd.fmt(r.storage_bits, '.2f'):>6} "
-                f"{bd.fmt(mb, '.3f'):>7} {bd.fmt(r.size_ratio, '.3f'):>6} {bd.fmt(r.quantize_s, '.2f'):>7}"
-            )
+            cells = [
+                run.name,
+                r.method,
+                "ERROR" if r.error else bd.fmt(r.top1, ".4f"),
+                bd.fmt(r.drop_pts, "+.2f"),
+                bd.fmt(r.average_bits, ".2f"),
+                bd.fmt(r.storage_bits, ".2f"),
+                bd.fmt(mb, ".3f"),
+                bd.fmt(r.size_ratio, ".3f"),
+                bd.fmt(r.quantize_s, ".2f"),
+            ]
+            lines.append(bd.table_row(STDOUT_COLUMNS, cells))
     return "\n".join(lines)
 
 

@@ -60,6 +60,7 @@ from onnx_mixquant import (
 from onnx_mixquant.config import RECON_PRESETS, ReconConfig, RoundingMethod
 
 SECTION = "recon"
+JSON_NAME = "recon.json"
 SCHEMA = 1
 PRESET = "cpu-fast"
 METHODS: tuple[str, ...] = ("uniform+nearest", "mixquant+nearest", "uniform+brecq", "mixquant+brecq")
@@ -127,12 +128,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
-    bd.add_io_args(
-        p,
-        quick_help="resnet20 W4A8, 2000 eval images, 200 iterations",
-        out_help="markdown file (default BENCHMARKS.md; --quick: none)",
-        json_help="raw results (default benchmarks/recon.json beside --out)",
-    )
+    bd.add_io_args(p, quick_help="resnet20 W4A8, 2000 eval images, 200 iterations", json_name=JSON_NAME)
     p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
     p.add_argument("--child-timeout", type=int, default=7200, help="seconds per quantization subprocess")
@@ -158,7 +154,7 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_
     bd.check_choices(p, args.acts, ACTS, "activation mode")
     for bad in [b for b in args.bits if not 2 <= b <= 8]:
         p.error(f"--bits: {bad} is not in 2..8")
-    bd.default_outputs(args, "recon.json")
+    bd.default_outputs(args, JSON_NAME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,22 +556,42 @@ def render_section(doc: dict[str, Any], json_rel: str) -> str:
     return "\n".join([*lines, bd.mark(SECTION, "end")]) + "\n"
 
 
+#: (name, format spec) of the stdout table's columns.
+STDOUT_COLUMNS = (
+    ("model", "<17"),
+    ("W", ">2"),
+    ("acts", "<4"),
+    ("method", "<17"),
+    ("grid", "<5"),
+    ("top-1", ">7"),
+    ("dpts", ">6"),
+    ("bits", ">11"),
+    ("q s", ">7"),
+    ("RSS MB", ">7"),
+    ("it/s", ">6"),
+    ("learned", ">7"),
+)
+
+
 def stdout_table(rows: list[Row]) -> str:
     """A compact fixed-width table of this invocation's rows."""
-    head = (
-        f"{'model':<17} {'W':>2} {'acts':<4} {'method':<17} {'grid':<5} {'top-1':>7} {'dpts':>6} "
-        f"{'bits':>11} {'q s':>7} {'RSS MB':>7} {'it/s':>6} {'learned':>7}"
-    )
-    lines = [head, "-" * len(head)]
+    lines = bd.table_head(STDOUT_COLUMNS)
     for r in rows:
-        d = asdict(r)
-        units = "-" if r.units_total is None else f"{r.units_learned}/{r.units_total}"
-        lines.append(
-            f"{r.model:<17} {r.bits:>2} {r.acts:<4} {r.method:<17} {_grid(d):<5} "
-            f"{'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} {bd.fmt(r.drop_pts, '+.2f'):>6} "
-            f"{bd.fmt(r.average_bits, '.2f') + '/' + bd.fmt(r.storage_bits, '.2f'):>11} {bd.fmt(r.quantize_s, '.1f'):>7} "
-            f"{bd.fmt(r.peak_rss_mb, '.0f'):>7} {bd.fmt(r.iters_per_s, '.1f'):>6} {units:>7}"
-        )
+        cells = [
+            r.model,
+            r.bits,
+            r.acts,
+            r.method,
+            _grid(asdict(r)),
+            "ERROR" if r.error else bd.fmt(r.top1, ".4f"),
+            bd.fmt(r.drop_pts, "+.2f"),
+            bd.fmt(r.average_bits, ".2f") + "/" + bd.fmt(r.storage_bits, ".2f"),
+            bd.fmt(r.quantize_s, ".1f"),
+            bd.fmt(r.peak_rss_mb, ".0f"),
+            bd.fmt(r.iters_per_s, ".1f"),
+            "-" if r.units_total is None else f"{r.units_learned}/{r.units_total}",
+        ]
+        lines.append(bd.table_row(STDOUT_COLUMNS, cells))
     return "\n".join(lines)
 
 

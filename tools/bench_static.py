@@ -75,6 +75,7 @@ from onnx_mixquant.preprocess import ImagePreprocessor
 #: Latency ratios this close (relative) are reported as "within" (run-to-run spread of the medians).
 LATENCY_TOLERANCE = 0.03
 SECTION = "static"
+JSON_NAME = "static.json"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -144,12 +145,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rss-model", help="model of the peak-memory check (default efficientnet_lite0)")
     p.add_argument("--rss-sizes", help="calibration sizes of that check (default 128,1024)")
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per quantization subprocess")
-    bd.add_io_args(
-        p,
-        quick_help="resnet20, 64 calib, 1000 eval images",
-        out_help="markdown file (default BENCHMARKS.md; --quick: none)",
-        json_help="raw results (default benchmarks/static.json beside --out)",
-    )
+    bd.add_io_args(p, quick_help="resnet20, 64 calib, 1000 eval images", json_name=JSON_NAME)
     p.add_argument("--batch", type=int, default=100, help="eval batch size")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--_one", type=Path, help=argparse.SUPPRESS)
@@ -183,7 +179,7 @@ def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     args.rss_sizes = [
         int(s) for s in bd.split_list(args.rss_sizes or ("64,512" if args.quick else "128,1024"))
     ]
-    bd.default_outputs(args, "static.json")
+    bd.default_outputs(args, JSON_NAME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,23 +816,40 @@ def results_json(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[st
     return json.dumps(doc, indent=2, default=str) + "\n"
 
 
+#: (name, format spec) of the stdout table's columns.
+STDOUT_COLUMNS = (
+    ("model", "<19"),
+    ("variant", "<24"),
+    ("top-1", ">7"),
+    ("dpts", ">6"),
+    ("MB", ">6"),
+    ("q s", ">7"),
+    ("RSS MB", ">7"),
+    ("lat ms", ">7"),
+    ("xFP32", ">6"),
+    ("fused", ">6"),
+)
+
+
 def stdout_table(runs: list[ModelRun], rss: dict[str, Any] | None) -> str:
     """A compact fixed-width table of every row, then the verdicts and the RSS check."""
-    head = (
-        f"{'model':<19} {'variant':<24} {'top-1':>7} {'dpts':>6} {'MB':>6} {'q s':>7} "
-        f"{'RSS MB':>7} {'lat ms':>7} {'xFP32':>6} {'fused':>6}"
-    )
-    lines = [head, "-" * len(head)]
+    lines = bd.table_head(STDOUT_COLUMNS)
     for run in runs:
         for r in run.rows:
             mb = None if r.output_bytes is None else r.output_bytes / 1e6
-            fused = "-" if r.fused is None else f"{r.fused}/{r.targets}"
-            lines.append(
-                f"{run.name:<19} {r.variant:<24} {'ERROR' if r.error else bd.fmt(r.top1, '.4f'):>7} "
-                f"{bd.fmt(r.drop_pts, '+.2f'):>6} {bd.fmt(mb, '.3f'):>6} {bd.fmt(r.quantize_s, '.2f'):>7} "
-                f"{bd.fmt(r.peak_rss_mb, '.0f'):>7} {bd.fmt(r.latency_ms, '.3f'):>7} "
-                f"{bd.fmt(r.latency_ratio, '.2f'):>6} {fused:>6}"
-            )
+            cells = [
+                run.name,
+                r.variant,
+                "ERROR" if r.error else bd.fmt(r.top1, ".4f"),
+                bd.fmt(r.drop_pts, "+.2f"),
+                bd.fmt(mb, ".3f"),
+                bd.fmt(r.quantize_s, ".2f"),
+                bd.fmt(r.peak_rss_mb, ".0f"),
+                bd.fmt(r.latency_ms, ".3f"),
+                bd.fmt(r.latency_ratio, ".2f"),
+                "-" if r.fused is None else f"{r.fused}/{r.targets}",
+            ]
+            lines.append(bd.table_row(STDOUT_COLUMNS, cells))
         lines.append(f"  {summary_line(run)}")
     if rss is not None:
         sizes = ", ".join(
