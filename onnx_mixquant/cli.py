@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,27 +16,28 @@ from typing import Any
 import click
 
 from onnx_mixquant import __version__
+from onnx_mixquant._cli_options import (
+    build_config,
+    calib_source,
+    image_spec,
+    parse_bits_list,
+    parse_hw,
+    parse_pairs,
+    parse_size,
+    parse_triple,
+)
 from onnx_mixquant.config import (
     DEFAULT_BITS,
     RECON_PRESETS,
     ActivationConfig,
     CalibMethod,
-    ExportConfig,
     Granularity,
     ImageLayout,
-    ImageSpec,
     QemReference,
-    QuantConfig,
-    QuantizerConfig,
-    ReconConfig,
     ReconGranularity,
     RoundingMethod,
     ScaleMethod,
-    SearchConfig,
-    SearchRule,
     Symmetry,
-    ValidateConfig,
-    WeightOverride,
 )
 from onnx_mixquant.errors import ConfigError, MixQuantError
 from onnx_mixquant.pipeline import quantize
@@ -49,63 +49,6 @@ __all__ = ["main"]
 EXIT_GATE = 3
 #: Seconds between progress lines when stderr is not a terminal.
 LOG_EVERY_S = 10.0
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "kib": 2**10,
-    "mb": 10**6,
-    "mib": 2**20,
-    "gb": 10**9,
-    "gib": 2**30,
-}
-
-
-def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise click.BadParameter(f"{value!r} is not a size like 800000, 750kB or 1.5MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _parse_bits_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError as e:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from e
-
-
-def _parse_hw(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", value)
-    if not m:
-        raise click.BadParameter(f"{value!r} is not H or HxW (e.g. 224 or 224x224)")
-    return int(m.group(1)), int(m.group(2) or m.group(1))
-
-
-def _parse_triple(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(float(v) for v in value.split(","))
-    except ValueError as e:
-        raise click.BadParameter(f"{value!r} is not three comma-separated numbers") from e
-    if len(out) != 3:
-        raise click.BadParameter(f"{value!r} is not three comma-separated numbers")
-    return out
-
-
-def _parse_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[tuple[str, int]]:
-    out = []
-    for item in value:
-        name, sep, num = item.rpartition("=")
-        if not sep or not name or not num.strip().lstrip("-").isdigit():
-            raise click.BadParameter(f"{item!r} is not NAME=INTEGER")
-        out.append((name, int(num)))
-    return out
 
 
 class _StageBars:
@@ -147,134 +90,6 @@ class _StageBars:
             self.bar = None
 
 
-def _search_config(opts: dict[str, Any]) -> SearchConfig:
-    given = [k for k in ("qem", "target_bits", "target_size", "uniform_bits") if opts[k] is not None]
-    if len(given) > 1:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise click.UsageError(f"choose one bit-width rule; got {flags}")
-    overrides = [WeightOverride(n, b) for n, b in opts["bits"]]
-    overrides += [WeightOverride("re:" + rx, None) for rx in opts["keep_float"]]
-    common: dict[str, Any] = dict(
-        candidate_bits=opts["candidate_bits"],
-        overrides=tuple(overrides),
-        first_last_8bit=opts["first_last_8bit"],
-        qem_reference=QemReference(opts["qem_reference"]),
-    )
-    if opts["qem"] is not None:
-        return SearchConfig(rule=SearchRule.QEM, qem=opts["qem"], target_bits=None, **common)
-    if opts["uniform_bits"] is not None:
-        return SearchConfig(
-            rule=SearchRule.UNIFORM, uniform_bits=opts["uniform_bits"], target_bits=None, **common
-        )
-    if opts["target_size"] is not None:
-        return SearchConfig(
-            rule=SearchRule.BUDGET, target_bits=None, target_bytes=opts["target_size"], **common
-        )
-    target = opts["target_bits"] if opts["target_bits"] is not None else SearchConfig().target_bits
-    return SearchConfig(rule=SearchRule.BUDGET, target_bits=target, **common)
-
-
-def build_config(opts: dict[str, Any]) -> QuantConfig:
-    """QuantConfig from the parsed CLI options (ConfigError on a bad value)."""
-    return QuantConfig(
-        quantizer=QuantizerConfig(
-            symmetry=Symmetry(opts["symmetry"]) if opts["symmetry"] else None,
-            granularity=Granularity(opts["granularity"]),
-            scale_method=ScaleMethod(opts["scale_method"]),
-        ),
-        search=_search_config(opts),
-        export=ExportConfig(use_int2=opts["int2"], allow_opset_upgrade=opts["opset_upgrade"]),
-        validate=ValidateConfig(
-            enabled=opts["validate"],
-            num_samples=opts["num_samples"],
-            dims=dict(opts["dim"]),
-            try_cuda=opts["cuda"],
-            min_sqnr_db=opts["min_sqnr"],
-        ),
-        activations=_activation_config(opts),
-        recon=_recon_config(opts),
-        seed=opts["seed"],
-    )
-
-
-def _recon_config(opts: dict[str, Any]) -> ReconConfig:
-    iters, samples, batch = RECON_PRESETS[opts["recon_preset"]]
-    return ReconConfig(
-        method=RoundingMethod(opts["method"]),
-        granularity=ReconGranularity(opts["recon_granularity"]),
-        iters=opts["iters"] or iters,
-        samples=opts["recon_samples"] or samples,
-        batch=opts["recon_batch"] or batch,
-        fisher=opts["fisher"],
-        act_iters=opts["act_iters"],
-    )
-
-
-def _activation_config(opts: dict[str, Any]) -> ActivationConfig:
-    return ActivationConfig(
-        enabled=bool(opts["calib"]) and not opts["weight_only"],
-        method=CalibMethod(opts["calib_method"]),
-        percentile=opts["percentile"],
-        symmetric=opts["act_type"] == "int8",
-        keep_outputs_float=not opts["quantize_outputs"],
-        exclude_nodes=tuple(opts["exclude_node"]),
-        exclude_op_types=tuple(opts["exclude_op_type"]),
-        calib_size=opts["calib_size"],
-    )
-
-
-IMAGE_KEYS = ("resize", "crop", "layout", "bgr", "scale", "mean", "std")
-
-
-def image_spec(opts: dict[str, Any]) -> ImageSpec | None:
-    """ImageSpec from --image-config and the --image-* options (options override the file)."""
-    given: dict[str, Any] = {}
-    if opts["image_config"] is not None:
-        given.update(_read_image_config(opts["image_config"]))
-    cli = {
-        "resize": opts["image_resize"],
-        "crop": opts["image_crop"],
-        "layout": opts["image_layout"],
-        "bgr": opts["bgr"],
-        "scale": opts["image_scale"],
-        "mean": opts["mean"],
-        "std": opts["std"],
-    }
-    given.update({k: v for k, v in cli.items() if v is not None})
-    if not given:
-        return None
-    if "layout" in given:
-        given["layout"] = ImageLayout(given["layout"])
-    for key in ("crop", "mean", "std"):
-        if key in given:
-            given[key] = tuple(given[key])
-    return ImageSpec(**given)
-
-
-def _read_image_config(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise click.BadParameter(f"{path}: cannot read: {e.strerror}", param_hint="--image-config") from e
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"{path}: not valid JSON: {e}", param_hint="--image-config") from e
-    if not isinstance(raw, dict) or set(raw) - set(IMAGE_KEYS):
-        extra = sorted(set(raw) - set(IMAGE_KEYS)) if isinstance(raw, dict) else raw
-        raise click.BadParameter(
-            f"{path}: expected an object with keys {', '.join(IMAGE_KEYS)}; unexpected: {extra}",
-            param_hint="--image-config",
-        )
-    if isinstance(raw.get("crop"), int):
-        raw["crop"] = (raw["crop"], raw["crop"])
-    return raw
-
-
-def _calib_source(paths: tuple[Path, ...]) -> Path | list[Path] | None:
-    if not paths:
-        return None
-    return paths[0] if len(paths) == 1 else list(paths)
-
-
 def _ask_dim(input_name: str, dim: str) -> int:
     return int(
         click.prompt(
@@ -295,7 +110,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
 )
 @click.option(
     "--target-size",
-    callback=_parse_size,
+    callback=parse_size,
     help="Budget rule: bytes for the weights, each width priced at its INT2/INT4/INT8 container (e.g. 1.5MB).",
 )
 @click.option(
@@ -315,14 +130,14 @@ def _ask_dim(input_name: str, dim: str) -> int:
     "--candidate-bits",
     default=",".join(map(str, DEFAULT_BITS)),
     show_default=True,
-    callback=_parse_bits_list,
+    callback=parse_bits_list,
     help="Widths the search may choose.",
 )
 @click.option(
     "--bits",
     "bits",
     multiple=True,
-    callback=_parse_pairs,
+    callback=parse_pairs,
     metavar="NAME=B",
     help="Pin a width for a weight or node name ('re:REGEX' for a pattern). Repeatable.",
 )
@@ -460,7 +275,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
     "--image-resize", type=click.IntRange(min=1), help="Resize images so the short side has N pixels."
 )
 @click.option(
-    "--image-crop", callback=_parse_hw, metavar="H[xW]", help="Centre crop to H x W pixels (or H x H)."
+    "--image-crop", callback=parse_hw, metavar="H[xW]", help="Centre crop to H x W pixels (or H x H)."
 )
 @click.option(
     "--image-layout",
@@ -473,13 +288,13 @@ def _ask_dim(input_name: str, dim: str) -> int:
 )
 @click.option(
     "--mean",
-    callback=_parse_triple,
+    callback=parse_triple,
     metavar="R,G,B",
     help="Subtract per channel after scaling  [default: 0,0,0].",
 )
 @click.option(
     "--std",
-    callback=_parse_triple,
+    callback=parse_triple,
     metavar="R,G,B",
     help="Divide per channel after the mean  [default: 1,1,1].",
 )
@@ -504,7 +319,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
     "--dim",
     "dim",
     multiple=True,
-    callback=_parse_pairs,
+    callback=parse_pairs,
     metavar="NAME=N",
     help="Value of a symbolic input dimension for random samples (e.g. N=1). Repeatable.",
 )
@@ -583,7 +398,7 @@ def main(
             output_model,
             cfg,
             samples_path=opts["samples"],
-            calib=_calib_source(opts["calib"]),
+            calib=calib_source(opts["calib"]),
             image_spec=spec,
             progress=bars,
             ask_dim=_ask_dim if sys.stdin.isatty() else None,
