@@ -3,7 +3,8 @@
 A *weight site* is a float tensor stored in the model (an initializer or a ``Constant`` node's
 value, in the main graph or in an ``If``/``Loop``/``Scan`` subgraph) that feeds the weight operand
 of a Conv, ConvTranspose, Gemm (B) or MatMul (the constant operand). Every other tensor stored in
-the model is listed as skipped, with the reason.
+the model is listed as skipped, with the reason. The walk that finds them, names the nodes and
+decides what each read of a stored tensor is lives in :mod:`onnx_mixquant._scan`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from onnx_mixquant._scan import Candidate, Scan, constant_tensor, read_reason, scan_model, weight_uses
 from onnx_mixquant.errors import ModelLoadError, UnsupportedModelError
 
 __all__ = [
@@ -108,43 +110,7 @@ class ReadModel:
     skipped: tuple[SkippedWeight, ...]
 
 
-#: Ops whose weight operand is quantized (default domain only).
-_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-#: Constant attributes other than ``value`` (plural forms drop the "s"): dtype, why skipped.
-_CONSTANT_ATTRS = {
-    "value_float": (ir.DataType.FLOAT, "scalar/1-D constant"),
-    "value_int": (ir.DataType.INT64, "integer tensor"),
-    "value_string": (ir.DataType.STRING, "string tensor"),
-}
 _GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-#: A read of a value: (node, input index).
-_Use = tuple[ir.Node, int]
-
-
-@dataclass
-class _Candidate:
-    """A tensor stored in the model: an initializer or the output of a Constant node."""
-
-    value: ir.Value
-    graph: str
-    source: str
-    dtype: ir.DataType
-    shape: tuple[int, ...]
-    #: Why it is skipped whatever reads it ("" when it may be a site).
-    reason: str = ""
-
-
-@dataclass
-class _Scan:
-    """One depth-first walk of the model: node order, display names, stored tensors."""
-
-    order: dict[ir.Node, int] = field(default_factory=dict)
-    names: dict[ir.Node, str] = field(default_factory=dict)
-    candidates: list[_Candidate] = field(default_factory=list)
-    defined: dict[str, tuple[ir.Value, str]] = field(default_factory=dict)
-    taken: set[str] = field(default_factory=set)
 
 
 def load_model(path: str | Path) -> ir.Model:
@@ -228,183 +194,22 @@ def node_names(model: ir.Model) -> dict[ir.Node, str]:
     depth-first walk of the model (subgraph nodes right after their owner). Weight sites and
     reports name nodes this way.
     """
-    return _scan(model).names
+    return scan_model(model).names
 
 
-def _scan(model: ir.Model) -> _Scan:
-    scan = _Scan(taken={n.name for n in model.graph.all_nodes() if n.name})
-    _scan_graph(scan, model.graph, "")
-    return scan
-
-
-def _scan_graph(scan: _Scan, graph: ir.Graph, path: str) -> None:
-    for value in graph.inputs:
-        _define(scan, value, path)
-    for value in graph.initializers.values():
-        _define(scan, value, path)
-        scan.candidates.append(_initializer_candidate(value, path))
-    for node in graph:
-        scan.order[node] = len(scan.order)
-        scan.names[node] = _display_name(scan, node)
-        for value in node.outputs:
-            _define(scan, value, path)
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.outputs:
-            scan.candidates.append(_constant_candidate(node, path))
-        prefix = f"{path}/{scan.names[node]}" if path else scan.names[node]
-        for attr in node.attributes.values():
-            if not isinstance(attr, ir.Attr):
-                continue  # a RefAttr (inside functions) holds no graph
-            if attr.type == ir.AttributeType.GRAPH:
-                _scan_graph(scan, attr.as_graph(), f"{prefix}/{attr.name}")
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for i, sub in enumerate(attr.as_graphs()):
-                    _scan_graph(scan, sub, f"{prefix}/{attr.name}[{i}]")
-
-
-def _display_name(scan: _Scan, node: ir.Node) -> str:
-    if node.name:
-        return node.name
-    name = f"{node.op_type}_{len(scan.order) - 1}"
-    while name in scan.taken:
-        name += "_"
-    scan.taken.add(name)
-    return name
-
-
-def _define(scan: _Scan, value: ir.Value, path: str) -> None:
-    """Record where ``value`` is defined; UnsupportedModelError when its name is taken."""
-    if not value.name:
-        return
-    seen = scan.defined.setdefault(value.name, (value, path))
-    if seen[0] is not value:
-        where = [f"subgraph {g!r}" if g else "the main graph" for g in (seen[1], path)]
-        raise UnsupportedModelError(
-            f"value name {value.name!r} is defined twice ({where[0]} and {where[1]});"
-            " names must be unique across the model and its subgraphs"
-        )
-
-
-def _initializer_candidate(value: ir.Value, path: str) -> _Candidate:
-    tensor = value.const_value
-    assert tensor is not None, f"initializer {value.name!r} has no tensor"
-    reason = "overridable graph input" if value.is_graph_input() else ""
-    return _Candidate(value, path, "initializer", tensor.dtype, tuple(tensor.shape.numpy()), reason)
-
-
-def _constant_candidate(node: ir.Node, path: str) -> _Candidate:
-    value = node.outputs[0]
-    tensor = _constant_tensor(node)
-    if tensor is not None:
-        return _Candidate(value, path, "constant", tensor.dtype, tuple(tensor.shape.numpy()))
-    attr_name = next(iter(node.attributes), "")
-    dtype, reason = _CONSTANT_ATTRS.get(
-        attr_name.removesuffix("s"), (ir.DataType.UNDEFINED, f"Constant with {attr_name!r}")
-    )
-    attr_value = node.attributes[attr_name].value if attr_name else None
-    shape = (len(attr_value),) if isinstance(attr_value, (list, tuple)) else ()
-    return _Candidate(value, path, "constant", dtype, shape, reason)
-
-
-def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
-    """The tensor of a Constant node's ``value`` attribute, or None."""
-    attr = node.attributes.get("value")
-    if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.TENSOR:
-        return attr.as_tensor()
-    return None
-
-
-def _is_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if value.is_initializer():
-        return not value.is_graph_input()
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant"
-
-
-def _role(use: _Use, rank: int) -> int | str | None:
-    """What ``use`` reads: a weight (its per-channel axis), ``"bias"``, another reason to skip
-    (with ``{}`` for the node name), or None for an ordinary read."""
-    node, idx = use
-    op = node.op_type
-    if node.domain not in _DEFAULT_DOMAINS or op not in (*_WEIGHT_OPS, "Add"):
-        return None
-    if idx == 2 and op in ("Conv", "ConvTranspose", "Gemm"):
-        return "bias"
-    if op == "Conv" and idx == 1:
-        return 0
-    if op == "ConvTranspose" and idx == 1:
-        return 1 if node.attributes.get_int("group", 1) == 1 else 0
-    if op == "Gemm" and idx == 1:
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    if op == "Gemm":
-        return "input A of Gemm {} (only B is quantized)"
-    if op == "MatMul":
-        if _is_constant(node.inputs[1 - idx]):
-            return "both inputs of MatMul {} are constant"
-        return rank - 1 if idx == 1 else rank - 2
-    other = node.inputs[1 - idx] if len(node.inputs) == 2 else None
-    producer = other.producer() if other is not None else None
-    if rank == 1 and producer is not None and producer.op_type == "MatMul":
-        return "bias"
-    return None
-
-
-def _read_reason(c: _Candidate, uses: list[_Use]) -> str:
-    """Reason to skip from the candidate itself, its dtype and whether anything reads it."""
-    if c.reason:
-        return c.reason
-    if not uses:
-        return "graph output, read by no node" if c.value.is_graph_output() else "unused"
-    if any(node.op_type in _QDQ_OPS for node, _ in uses):
-        return "already quantized"
-    if c.dtype == ir.DataType.FLOAT:
-        return ""
-    if c.dtype.is_integer():
-        return "integer tensor"
-    if c.dtype in (ir.DataType.BOOL, ir.DataType.STRING):
-        return f"{c.dtype.name.lower()} tensor"
-    return f"dtype {c.dtype.name} not supported"
-
-
-def _classify(c: _Candidate, scan: _Scan) -> tuple[WeightSite | SkippedWeight, int]:
+def _classify(c: Candidate, scan: Scan) -> tuple[WeightSite | SkippedWeight, int]:
     """The site or skip record of one candidate, and the walk position of its first weight use."""
     uses = sorted(((u.node, u.idx) for u in c.value.uses()), key=lambda u: (scan.order[u[0]], u[1]))
     weights: list[tuple[ir.Node, int]] = []
-    reason = _read_reason(c, uses)
+    reason = read_reason(c, uses)
     if not reason:
-        weights, reason = _weight_uses(c, uses, scan)
+        weights, reason = weight_uses(c, uses, scan)
     if reason:
         return SkippedWeight(c.value.name or "", c.shape, c.dtype.name, reason), -1
     return _site(c, weights, [node for node, _ in uses], scan), scan.order[weights[0][0]]
 
 
-def _weight_uses(c: _Candidate, uses: list[_Use], scan: _Scan) -> tuple[list[tuple[ir.Node, int]], str]:
-    """The (node, axis) pairs reading ``c`` as a weight, and the reason to skip it ("" if none)."""
-    weights: list[tuple[ir.Node, int]] = []
-    notes: list[str] = []
-    biases: list[str] = []
-    for node, idx in uses:
-        role, name = _role((node, idx), len(c.shape)), scan.names[node]
-        if isinstance(role, int):
-            weights.append((node, role))
-        elif role == "bias":
-            biases.append(name)
-        elif role is not None:
-            notes.append(role.format(name))
-    if weights:
-        rank = len(c.shape)
-        bad = f"rank-{rank} weight of {scan.names[weights[0][0]]} (rank < 2)" if rank < 2 else ""
-        return weights, bad
-    if notes or biases:
-        return [], notes[0] if notes else f"bias of {biases[0]} (biases stay float)"
-    ops = ", ".join(sorted({node.op_type for node, _ in uses}))
-    return [], f"not a weight of Conv/ConvTranspose/Gemm/MatMul (read by {ops})"
-
-
-def _site(
-    c: _Candidate, weights: list[tuple[ir.Node, int]], readers: list[ir.Node], scan: _Scan
-) -> WeightSite:
+def _site(c: Candidate, weights: list[tuple[ir.Node, int]], readers: list[ir.Node], scan: Scan) -> WeightSite:
     consumers = list(dict.fromkeys(node for node, _ in weights))
     others = [node for node in dict.fromkeys(readers) if node not in consumers]
     axes = {axis for _, axis in weights}
@@ -421,7 +226,7 @@ def _site(
 
 
 def _find(model: ir.Model) -> tuple[list[tuple[WeightSite, ir.Value]], list[SkippedWeight]]:
-    scan = _scan(model)
+    scan = scan_model(model)
     found: list[tuple[int, int, WeightSite, ir.Value]] = []
     skipped: list[SkippedWeight] = []
     for i, c in enumerate(scan.candidates):
@@ -471,7 +276,7 @@ def weight_array(value: ir.Value) -> np.ndarray:
     tensor = value.const_value
     producer = value.producer()
     if tensor is None and producer is not None and producer.op_type == "Constant":
-        tensor = _constant_tensor(producer)
+        tensor = constant_tensor(producer)
     if tensor is None:
         raise UnsupportedModelError(f"value {value.name!r} holds no stored tensor")
     if tensor.dtype != ir.DataType.FLOAT:

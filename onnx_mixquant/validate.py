@@ -2,7 +2,8 @@
 
 Each session sets its graph optimisation level explicitly; the quantized model is checked at
 ORT_ENABLE_ALL (what users deploy) and with optimisations off (the plain QDQ semantics), on the CPU
-provider and on CUDA when onnxruntime can really use it.
+provider and on CUDA when onnxruntime can really use it (the probe and the session options live in
+:mod:`onnx_mixquant._ortsession`).
 
 Memory: the FP reference outputs are computed once and kept per batch (every run reuses them); a
 run of the quantized model only accumulates sums and counts batch by batch.
@@ -10,16 +11,17 @@ run of the quantized model only accumulates sums and counts batch by batch.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_mixquant._ortsession import CPU, first_line, open_session
+from onnx_mixquant._ortsession import _cuda_works as _cuda_works
+from onnx_mixquant._ortsession import available_providers as available_providers
 from onnx_mixquant.config import ValidateConfig
 from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError, ModelLoadError
 from onnx_mixquant.graph import ModelInput
@@ -39,17 +41,11 @@ logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 
-_CPU = "CPUExecutionProvider"
-_CUDA = "CUDAExecutionProvider"
 #: Quantized-model configurations, in run order: (name recorded in RunMetrics, level).
 _LEVELS: tuple[tuple[str, ort.GraphOptimizationLevel], ...] = (
     ("ORT_ENABLE_ALL", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
     ("ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
 )
-#: onnxruntime's default logger severity (WARNING). The Python API has no getter, so the CUDA
-#: probe restores this value after silencing the logger.
-_ORT_DEFAULT_SEVERITY = 2
-_ORT_FATAL = 4
 #: Random integer inputs are drawn from [0, _INT_HIGH): small and non-negative, so that they are
 #: valid indices / token ids for most models.
 _INT_HIGH = 10
@@ -183,69 +179,6 @@ def random_samples(
     return Samples(feeds=feeds, labels=None, source=f"random (seed {seed})")
 
 
-def _identity_model_bytes() -> bytes:
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
-    node = ir.node("Identity", inputs=[x])
-    y = node.outputs[0]
-    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([1])
-    graph = ir.Graph(inputs=[x], outputs=[y], nodes=[node], opset_imports={"": 13}, name="probe")
-    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
-
-
-@functools.cache
-def _cuda_works() -> bool:
-    """Open a tiny session on CUDA, onnxruntime's logger silenced; True when CUDA really runs it.
-
-    The "cannot load libcublasLt" error is written by onnxruntime's *default* logger while loading
-    the provider library, so SessionOptions.log_severity_level alone does not silence it; the
-    default severity is raised to FATAL for the probe and reset to onnxruntime's default after
-    (the Python API offers no getter to restore a user-set value).
-    """
-    if _CUDA not in ort.get_available_providers():
-        return False
-    so = ort.SessionOptions()
-    so.log_severity_level = _ORT_FATAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ort.set_default_logger_severity(_ORT_FATAL)
-    try:
-        sess = ort.InferenceSession(_identity_model_bytes(), sess_options=so, providers=[_CUDA])
-        logger.debug("CUDA probe: session runs on %s", sess.get_providers())
-        return sess.get_providers()[0] == _CUDA
-    except Exception as e:  # any failure to open the probe means no CUDA
-        logger.debug("CUDA probe failed: %s", e)
-        return False
-    finally:
-        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
-
-
-def available_providers(try_cuda: bool) -> tuple[str, ...]:
-    """Providers that actually work here: probes CUDA once, quietly (onnxruntime-gpu lists it
-    even on CPU-only machines and falls back with an error log); always ends with
-    CPUExecutionProvider."""
-    providers = (_CUDA, _CPU) if try_cuda and _cuda_works() else (_CPU,)
-    logger.debug("onnxruntime providers: %s", ", ".join(providers))
-    return providers
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _open(
-    path: Path, provider: str, level_name: str, level: ort.GraphOptimizationLevel
-) -> ort.InferenceSession:
-    """Session from the path (so external data next to the file load); raises the bare ORT error."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
-    chain = [provider] if provider == _CPU else [provider, _CPU]
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=chain)
-    if (got := sess.get_providers())[0] != provider:
-        logger.warning("%s: asked for %s at %s, got %s", path, provider, level_name, got)
-    return sess
-
-
 def _tensor_output_names(sess: ort.InferenceSession, path: Path) -> tuple[str, ...]:
     """Numeric tensor outputs; sequences, maps and strings are not compared."""
     names = []
@@ -273,9 +206,9 @@ def _is_classifier(a: np.ndarray) -> bool:
 
 def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Reference:
     try:
-        sess = _open(fp_path, _CPU, "ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        sess = open_session(fp_path, CPU, "ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except Exception as e:
-        raise ModelLoadError(f"onnxruntime cannot open the FP model {fp_path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"onnxruntime cannot open the FP model {fp_path}: {first_line(e)}") from e
     ref = _Reference(names=_tensor_output_names(sess, fp_path))
     ref.energy = [0.0] * len(ref.names)
     for i, feed in enumerate(samples.feeds):
@@ -284,7 +217,7 @@ def _reference(fp_path: Path, samples: Samples, tick: Callable[[], None]) -> _Re
         except Exception as e:
             raise CalibrationError(
                 f"{fp_path}: onnxruntime cannot run the FP model on batch {i} of "
-                f"{samples.source}: {_first_line(e)}"
+                f"{samples.source}: {first_line(e)}"
             ) from e
         if i == 0:
             ref.classifier = next((k for k, o in enumerate(outs) if _is_classifier(o)), None)
@@ -352,16 +285,16 @@ def _run_quant(
     """Run every batch on one configuration; returns the accumulators and the predicted classes."""
     where = f"{quant_path} on {provider} at {level[0]}"
     try:
-        sess = _open(quant_path, provider, *level)
+        sess = open_session(quant_path, provider, *level)
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot open {where}: {_first_line(e)}") from e
+        raise ExportError(f"onnxruntime cannot open {where}: {first_line(e)}") from e
     accs = [_Acc() for _ in ref.names]
     predictions: list[np.ndarray] = []
     for i, (feed, fp_outs) in enumerate(zip(samples.feeds, ref.batches, strict=True)):
         try:
             outs = [np.asarray(o) for o in sess.run(list(ref.names), feed)]
         except Exception as e:
-            raise ExportError(f"onnxruntime failed on batch {i} of {where}: {_first_line(e)}") from e
+            raise ExportError(f"onnxruntime failed on batch {i} of {where}: {first_line(e)}") from e
         for name, acc, fp, q in zip(ref.names, accs, fp_outs, outs, strict=True):
             if fp.shape != q.shape:
                 raise ExportError(f"{where}: output {name!r} has shape {q.shape}, FP model gives {fp.shape}")
