@@ -63,6 +63,8 @@ SECTION = "recon"
 JSON_NAME = "recon.json"
 SCHEMA = 1
 PRESET = "cpu-fast"
+#: Order of the BRECQ settings in the tables (other settings follow).
+SETTING_ORDER: tuple[str, ...] = ("cpu-fast", "cpu", "paper")
 METHODS: tuple[str, ...] = ("uniform+nearest", "mixquant+nearest", "uniform+brecq", "mixquant+brecq")
 #: Also selectable with --methods: BRECQ with the Fisher-weighted error (--fisher).
 ALL_METHODS: tuple[str, ...] = (*METHODS, "uniform+brecq-fisher", "mixquant+brecq-fisher")
@@ -105,9 +107,23 @@ class Row:
     error: str | None = None
 
     @property
-    def key(self) -> tuple[str, int, str, str]:
-        """The merge key of the JSON: (model, bits, acts, method)."""
-        return (self.model, self.bits, self.acts, self.method)
+    def key(self) -> tuple[str, int, str, str, str]:
+        """The merge key of the JSON: (model, bits, acts, method, BRECQ setting)."""
+        return row_key(asdict(self))
+
+
+def setting_label(settings: dict[str, Any]) -> str:
+    """The BRECQ setting of a row: a preset name, or 'N it, S samples, batch B' when none matches."""
+    found = (settings.get("iters"), settings.get("samples"), settings.get("batch"))
+    for name, preset in RECON_PRESETS.items():
+        if found == preset:
+            return name
+    return f"{found[0]} it, {found[1]} samples, batch {found[2]}"
+
+
+def row_key(r: dict[str, Any]) -> tuple[str, int, str, str, str]:
+    """(model, bits, acts, method, BRECQ setting) of a stored row."""
+    return (r["model"], r["bits"], r["acts"], r["method"], setting_label(r.get("settings", {})))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,15 +132,20 @@ class Row:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line and fill in the --quick and preset defaults."""
-    iters, samples, batch = RECON_PRESETS[PRESET]
     p = bd.new_parser(__doc__)
     p.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default {QUICK_MODEL})")
     p.add_argument("--bits", help="comma list of average weight widths (default 4,3)")
     p.add_argument("--acts", help="comma list of activation modes: w (weight-only), a8 (default w,a8)")
     p.add_argument("--methods", help=f"comma list of {', '.join(ALL_METHODS)} (default the first four)")
-    p.add_argument("--iters", type=int, help=f"BRECQ iterations per unit (default {iters}, preset {PRESET})")
-    p.add_argument("--samples", type=int, default=samples, help=f"BRECQ samples (default {samples})")
-    p.add_argument("--batch", type=int, default=batch, help=f"BRECQ batch (default {batch})")
+    p.add_argument(
+        "--preset",
+        default=PRESET,
+        choices=list(RECON_PRESETS),
+        help=f"BRECQ preset giving the iterations, samples and batch (default {PRESET})",
+    )
+    p.add_argument("--iters", type=int, help="BRECQ iterations per unit (default: the preset's)")
+    p.add_argument("--samples", type=int, help="BRECQ samples (default: the preset's)")
+    p.add_argument("--batch", type=int, help="BRECQ batch (default: the preset's)")
     p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
@@ -135,18 +156,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--_one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one is None:
-        _fill_defaults(p, args, iters)
+        _fill_defaults(p, args)
     return args
 
 
-def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, preset_iters: int) -> None:
+def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Resolve --quick, validate the lists, and default the output paths."""
     q = args.quick
     args.models = bd.split_list(args.models or QUICK_MODEL)
     args.bits = [int(b) for b in bd.split_list(args.bits or (QUICK_BITS if q else "4,3"))]
     args.acts = bd.split_list(args.acts or (QUICK_ACTS if q else "w,a8"))
     args.methods = bd.split_list(args.methods or ",".join(METHODS))
-    args.iters = args.iters or (QUICK_ITERS if q else preset_iters)
+    iters, samples, batch = RECON_PRESETS[args.preset]
+    args.iters = args.iters or (QUICK_ITERS if q else iters)
+    args.samples = args.samples or samples
+    args.batch = args.batch or batch
     if q and args.limit is None:
         args.limit = QUICK_LIMIT
     bd.check_choices(p, args.models, MODELS, "model")
@@ -359,9 +383,9 @@ def load_doc(path: Path | None) -> dict[str, Any]:
 
 
 def merge_rows(doc: dict[str, Any], rows: list[Row], run: dict[str, Any], fp32: dict[str, Any]) -> None:
-    """Replace the stored rows of the same (model, bits, acts, method), then drop unreferenced runs."""
+    """Replace the stored rows of the same key (:func:`row_key`), then drop unreferenced runs."""
     fresh = {r.key: asdict(r) for r in rows}
-    kept = [r for r in doc["rows"] if (r["model"], r["bits"], r["acts"], r["method"]) not in fresh]
+    kept = [r for r in doc["rows"] if row_key(r) not in fresh]
     doc["rows"] = sorted([*kept, *fresh.values()], key=_row_order)
     doc["runs"][run["id"]] = run
     doc["fp32"].update(fp32)
@@ -373,7 +397,9 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     model = list(MODELS).index(r["model"]) if r["model"] in MODELS else len(MODELS)
     acts = ACTS.index(r["acts"]) if r["acts"] in ACTS else len(ACTS)
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
-    return (model, r["model"], -r["bits"], acts, method)
+    label = setting_label(r["settings"])
+    setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
+    return (model, r["model"], setting, label, -r["bits"], acts, method)
 
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
@@ -456,22 +482,28 @@ def group_summary(model: str, bits: int, acts: str, rows: dict[str, dict[str, An
     return f"- **{model} {label}**: " + "; ".join(parts) + "."
 
 
-def goal_line(rows: list[dict[str, Any]]) -> str | None:
-    """The W4A8 MixQuant+BRECQ goal on resnet20: within 1.0 point of FP32, and in how many minutes."""
+def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The W4A8 MixQuant+BRECQ goal on resnet20, per BRECQ setting: within 1.0 point of FP32, and how fast."""
     key = (GOAL_MODEL, GOAL_BITS, GOAL_ACTS, "mixquant+brecq")
-    r = next((x for x in rows if (x["model"], x["bits"], x["acts"], x["method"]) == key), None)
-    if r is None:
-        return None
-    if r.get("error") or r.get("drop_pts") is None:
-        return f"**Goal ({GOAL_MODEL} W4A8 MixQuant+BRECQ within {GOAL_PTS:.1f} pt of FP32)**: failed."
-    ok = r["drop_pts"] >= -GOAL_PTS
-    return (
-        f"**Goal ({GOAL_MODEL} W4A8 MixQuant+BRECQ within {GOAL_PTS:.1f} pt of FP32)**: "
-        f"{'met' if ok else 'NOT met'}: top-1 {r['top1']:.4f} vs FP32 {r['fp32_top1']:.4f} "
-        f"({r['drop_pts']:+.2f} pts) in {r['quantize_s'] / 60.0:.1f} min of quantization "
-        f"({r['settings'].get('iters')} iterations per unit; peer reference: AIMET-ONNX AdaRound W4A8 "
-        f"0.8059 in 535 s = 8.9 min, shared/bench/README.md)."
-    )
+    out = []
+    for r in rows:
+        if (r["model"], r["bits"], r["acts"], r["method"]) != key:
+            continue
+        head = (
+            f"**Goal ({GOAL_MODEL} W4A8 MixQuant+BRECQ within {GOAL_PTS:.1f} pt of FP32), "
+            f"{setting_label(r['settings'])}**"
+        )
+        if r.get("error") or r.get("drop_pts") is None:
+            out.append(f"{head}: failed.")
+            continue
+        ok = r["drop_pts"] >= -GOAL_PTS
+        out.append(
+            f"{head}: {'met' if ok else 'NOT met'}: top-1 {r['top1']:.4f} vs FP32 {r['fp32_top1']:.4f} "
+            f"({r['drop_pts']:+.2f} pts) in {r['quantize_s'] / 60.0:.1f} min of quantization "
+            f"({r['settings'].get('iters')} iterations per unit; peer reference: AIMET-ONNX AdaRound W4A8 "
+            f"0.8059 in 535 s = 8.9 min, shared/bench/README.md)."
+        )
+    return out
 
 
 def model_block(
@@ -481,14 +513,23 @@ def model_block(
     fp = doc["fp32"].get(model, {})
     fp_txt = f"FP32 top-1 {bd.fmt(fp.get('top1'), '.4f')} on {fp.get('eval_images', '?')} eval images"
     lines = [f"### {model}", "", f"{fp_txt} (run [{run_no.get(fp.get('run'), '?')}]).", ""]
-    lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
-    lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in rows]
-    lines += ["", "Summary:", ""]
-    groups: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    by_setting: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["bits"], r["acts"]), {})[r["method"]] = r
-    lines += [group_summary(model, b, a, g) for (b, a), g in groups.items()]
-    return [*lines, ""]
+        by_setting.setdefault(setting_label(r["settings"]), []).append(r)
+    for setting, group in by_setting.items():
+        s = group[0]["settings"]
+        what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
+        name = setting if setting in RECON_PRESETS else "custom"
+        lines += [f"#### BRECQ setting: {name} ({what})", ""]
+        lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+        lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
+        lines += ["", "Summary:", ""]
+        groups: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+        for r in group:
+            groups.setdefault((r["bits"], r["acts"]), {})[r["method"]] = r
+        lines += [group_summary(model, b, a, g) for (b, a), g in groups.items()]
+        lines += [""]
+    return lines
 
 
 NOTES = (
@@ -538,7 +579,7 @@ def render_section(doc: dict[str, Any], json_rel: str) -> str:
         "## BRECQ block reconstruction vs nearest rounding, uniform vs MixQuant widths",
         "",
         "Produced by these runs of `tools/bench_recon.py` (each row names its run; later runs replace "
-        f"rows of the same model, bits, activations and method). Raw results: `{json_rel}`.",
+        f"rows of the same model, bits, activations, method and BRECQ setting). Raw results: `{json_rel}`.",
         "",
         *runs,
         "",
@@ -550,8 +591,7 @@ def render_section(doc: dict[str, Any], json_rel: str) -> str:
         by_model.setdefault(r["model"], []).append(r)
     for model, rows in by_model.items():
         lines += model_block(model, rows, doc, run_no)
-    goal = goal_line(doc["rows"])
-    if goal is not None:
+    for goal in goal_lines(doc["rows"]):
         lines += [goal, ""]
     return "\n".join([*lines, bd.mark(SECTION, "end")]) + "\n"
 
@@ -609,7 +649,7 @@ def make_context(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
         "total_s": None,
         "machine": machine_info(args),
         "settings": {k: getattr(args, k) for k in ("iters", "samples", "batch", "calib_size", "seed")}
-        | {"eval_limit": args.limit, "preset": PRESET},
+        | {"eval_limit": args.limit, "preset": setting_label(vars(args))},
     }
     ctx: dict[str, Any] = {"run_id": started, "run": run, "fp32": {}, "rows": []}
 
@@ -646,12 +686,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def summaries(doc: dict[str, Any]) -> list[str]:
     """The group summary lines (and the goal line) of ``doc['rows']``."""
-    groups: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, int, str], dict[str, dict[str, Any]]] = {}
     for r in doc["rows"]:
-        groups.setdefault((r["model"], r["bits"], r["acts"]), {})[r["method"]] = r
-    lines = [group_summary(m, b, a, g) for (m, b, a), g in groups.items()]
-    goal = goal_line(doc["rows"])
-    return lines if goal is None else [*lines, goal]
+        key = (r["model"], setting_label(r["settings"]), r["bits"], r["acts"])
+        groups.setdefault(key, {})[r["method"]] = r
+    lines = [group_summary(f"{m} ({s})", b, a, g) for (m, s, b, a), g in groups.items()]
+    return [*lines, *goal_lines(doc["rows"])]
 
 
 if __name__ == "__main__":
