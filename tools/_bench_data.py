@@ -21,6 +21,7 @@ imagenet        RGB, centre crop 224x224 (offset floored), (x - 127) / 128
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import datetime
 import hashlib
@@ -204,19 +205,59 @@ def make_session(model: Path, level: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def top1(sess: ort.InferenceSession, data: EvalSet, batch: int, label: str) -> float:
-    """Top-1 accuracy of the session's first output on ``data``; progress every ~20 %."""
+def predict(sess: ort.InferenceSession, data: EvalSet, batch: int, label: str) -> np.ndarray:
+    """The session's first output (float32 logits, one row per image) on ``data``; progress every ~20 %."""
     name = sess.get_inputs()[0].name
     n, correct, step = len(data.y), 0, max(1, len(data.y) // 5)
-    next_report = step
+    next_report, parts = step, []
     for i in range(0, n, batch):
-        logits = sess.run(None, {name: data.x[i : i + batch]})[0]
-        correct += int((logits.argmax(axis=1) == data.y[i : i + batch]).sum())
+        logits = np.asarray(sess.run(None, {name: data.x[i : i + batch]})[0], dtype=np.float32)
+        parts.append(logits.reshape(len(logits), -1))
+        correct += int((parts[-1].argmax(axis=1) == data.y[i : i + batch]).sum())
         done = min(i + batch, n)
         if done >= next_report or done == n:
             log(f"  [{label}] eval {done}/{n} images, running top-1 {correct / done:.4f}")
             next_report = done + step
-    return correct / n
+    return np.concatenate(parts)
+
+
+def top1(sess: ort.InferenceSession, data: EvalSet, batch: int, label: str) -> float:
+    """Top-1 accuracy of the session's first output on ``data``; progress every ~20 %."""
+    return float(np.mean(predict(sess, data, batch, label).argmax(axis=1) == data.y))
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fidelity(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || model) in nats) of a model's logits against the FP32 model's."""
+    agree = float(np.mean(logits.argmax(axis=1) == reference.argmax(axis=1)))
+    p_ref, p = _log_softmax(reference), _log_softmax(logits)
+    kl = float(np.mean(np.sum(np.exp(p_ref) * (p_ref - p), axis=1)))
+    return agree, kl
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """Per-image correctness (bool array) as base64 of its packed bits (stored with a row)."""
+    return base64.b64encode(np.packbits(hits.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_hits(text: str, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_hits` for ``n`` images."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n).astype(bool)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Top-1 of b minus top-1 of a, and its standard deviation from the discordant images (McNemar).
+
+    Both in points; the images each model gets right and the other wrong are what the difference
+    rests on, so two models that disagree on few images differ significantly by little.
+    """
+    n = len(a)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    return 100.0 * (only_b - only_a) / n, 100.0 * float(np.sqrt(only_a + only_b)) / n
 
 
 def mark(section: str, edge: str) -> str:

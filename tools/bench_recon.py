@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import _bench_data as bd
+import numpy as np
 
 from onnx_mixquant import (
     ActivationConfig,
@@ -93,6 +94,11 @@ class Row:
     fp32_top1: float | None = None
     drop_pts: float | None = None
     eval_images: int | None = None
+    #: Top-1 agreement with the FP32 model and mean KL(FP32 || quantized) over the eval images.
+    agree_fp32: float | None = None
+    kl_fp32: float | None = None
+    #: Which eval images it classifies correctly (``bd.pack_hits``), for paired comparisons.
+    hits: str | None = None
     average_bits: float | None = None
     storage_bits: float | None = None
     output_bytes: int | None = None
@@ -303,15 +309,25 @@ def fill_from_result(row: Row, result: dict[str, Any]) -> None:
     _recon_stats(row, d["recon"])
 
 
-def run_job(row: Row, job: dict[str, Any], data: bd.EvalSet, tmp: Path, args: argparse.Namespace) -> None:
-    """Quantize (subprocess) and evaluate one row; failures go into ``row.error``."""
+def run_job(
+    row: Row,
+    job: dict[str, Any],
+    data: bd.EvalSet,
+    fp_logits: np.ndarray,
+    tmp: Path,
+    args: argparse.Namespace,
+) -> None:
+    """Quantize (subprocess) and evaluate one row against the FP32 logits; failures go into ``row.error``."""
     label = f"{row.model} W{row.bits} {row.acts} {row.method}"
     out = tmp / f"{row.model}.w{row.bits}.{row.acts}.{row.method.replace('+', '-')}.onnx"
     bd.log(f"[{label}] quantizing (subprocess)")
     try:
         fill_from_result(row, bd.run_child(__file__, {**job, "out": str(out)}, tmp, args.child_timeout))
         bd.log(f"[{label}] quantized in {row.quantize_s:.1f} s, peak RSS {bd.fmt(row.peak_rss_mb, '.0f')} MB")
-        row.top1 = bd.top1(bd.make_session(out, "all", args.threads), data, args.eval_batch, label)
+        logits = bd.predict(bd.make_session(out, "all", args.threads), data, args.eval_batch, label)
+        hits = logits.argmax(axis=1) == data.y
+        row.top1, row.hits = float(hits.mean()), bd.pack_hits(hits)
+        row.agree_fp32, row.kl_fp32 = bd.fidelity(logits, fp_logits)
         row.drop_pts = None if row.fp32_top1 is None else 100.0 * (row.top1 - row.fp32_top1)
     except Exception as e:  # the bench records library failures and goes on with the next job
         row.error = "".join(traceback.format_exception(e))
@@ -339,8 +355,17 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
     data = bd.subset(bd.load_eval_set(args.bench_dir, spec.dataset, args.cache_dir), args.limit)
     model_path = args.bench_dir / "models" / f"{name}.onnx"
     bd.log(f"[{name} fp32] evaluating on {len(data.y)} images")
-    fp32 = bd.top1(bd.make_session(model_path, "all", args.threads), data, args.eval_batch, f"{name} fp32")
-    ctx["fp32"][name] = {"top1": fp32, "eval_images": int(len(data.y)), "run": ctx["run_id"]}
+    fp_logits = bd.predict(
+        bd.make_session(model_path, "all", args.threads), data, args.eval_batch, f"{name} fp32"
+    )
+    fp_hits = fp_logits.argmax(axis=1) == data.y
+    fp32 = float(fp_hits.mean())
+    ctx["fp32"][name] = {
+        "top1": fp32,
+        "eval_images": int(len(data.y)),
+        "run": ctx["run_id"],
+        "hits": bd.pack_hits(fp_hits),
+    }
     folder = args.bench_dir / "data" / spec.dataset / "calib"
     files = bd.choose_calib(folder, max(args.calib_size, args.samples), args.seed)
     calib_list = tmp / f"{name}.calib.txt"
@@ -354,7 +379,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job = {"name": name, "model": str(model_path), "calib": str(calib_list)}
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
-                run_job(row, job, data, tmp, args)
+                run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
     return rows
@@ -426,6 +451,7 @@ TABLE_HEAD = [
     "weight grid",
     "top-1",
     "vs FP32 (pts)",
+    "agree / KL vs FP32",
     "avg / stored bits",
     "quantize s",
     "peak RSS MB",
@@ -442,12 +468,14 @@ def row_cells(r: dict[str, Any], run_no: dict[str, int]) -> list[str]:
     if r.get("error"):
         last = r["error"].strip().splitlines()[-1].replace("|", "\\|")
         return [*head, "-", f"error: {last}", *["-"] * (len(TABLE_HEAD) - 6), run]
+    fid = "-" if r.get("agree_fp32") is None else f"{100 * r['agree_fp32']:.2f} % / {r['kl_fp32']:.4f}"
     units = "-" if r.get("units_total") is None else f"{r['units_learned']}/{r['units_total']}"
     return [
         *head,
         _grid(r),
         bd.fmt(r.get("top1"), ".4f"),
         bd.fmt(r.get("drop_pts"), "+.2f"),
+        fid,
         f"{bd.fmt(r.get('average_bits'), '.2f')} / {bd.fmt(r.get('storage_bits'), '.2f')}",
         bd.fmt(r.get("quantize_s"), ".1f"),
         bd.fmt(r.get("peak_rss_mb"), ".0f"),
@@ -457,26 +485,34 @@ def row_cells(r: dict[str, Any], run_no: dict[str, int]) -> list[str]:
     ]
 
 
-def _top1(rows: dict[str, dict[str, Any]], method: str) -> float | None:
-    r = rows.get(method)
-    return None if r is None or r.get("error") else r.get("top1")
+def _ok(r: dict[str, Any] | None) -> bool:
+    return r is not None and not r.get("error") and r.get("top1") is not None
 
 
-def _vs(a: float | None, b: float | None, what: str) -> str:
-    """'what: +x.xx pts (yes/no)' for a - b, or 'not measured'."""
-    if a is None or b is None:
+def _vs(a: dict[str, Any] | None, b: dict[str, Any] | None, what: str) -> str:
+    """'what: +x.xx pts (yes/no)' for top-1 of a minus b, with the paired SD and fidelity when stored."""
+    if a is None or b is None or not _ok(a) or not _ok(b):
         return f"{what}: not measured"
-    d = 100.0 * (a - b)
-    return f"{what}: {d:+.2f} pts ({'yes' if d > 0 else 'no'})"
+    d = 100.0 * (a["top1"] - b["top1"])
+    verdict = "yes" if d > 0 else "no"
+    n = a.get("eval_images")
+    if a.get("hits") and b.get("hits") and n and n == b.get("eval_images"):
+        d, sd = bd.paired_difference(bd.unpack_hits(b["hits"], n), bd.unpack_hits(a["hits"], n))
+        noise = ", within 2 SD" if abs(d) < 2 * sd else ""
+        text = f"{what}: {d:+.2f} ± {sd:.2f} pts ({verdict}{noise}"
+        if a.get("kl_fp32") is not None and b.get("kl_fp32") is not None and b["kl_fp32"] > 0:
+            text += f"; KL to FP32 {100 * (a['kl_fp32'] / b['kl_fp32'] - 1):+.0f} %"
+        return text + ")"
+    return f"{what}: {d:+.2f} pts ({verdict})"
 
 
 def group_summary(model: str, bits: int, acts: str, rows: dict[str, dict[str, Any]]) -> str:
     """One summary line of a (model, bits, acts) group."""
-    t = {m: _top1(rows, m) for m in METHODS}
+    g = rows.get
     parts = [
-        _vs(t["mixquant+brecq"], t["uniform+brecq"], "MixQuant+BRECQ beats BRECQ alone"),
-        _vs(t["uniform+brecq"], t["uniform+nearest"], "BRECQ beats nearest, uniform"),
-        _vs(t["mixquant+brecq"], t["mixquant+nearest"], "BRECQ beats nearest, MixQuant"),
+        _vs(g("mixquant+brecq"), g("uniform+brecq"), "MixQuant+BRECQ beats BRECQ alone"),
+        _vs(g("uniform+brecq"), g("uniform+nearest"), "BRECQ beats nearest, uniform"),
+        _vs(g("mixquant+brecq"), g("mixquant+nearest"), "BRECQ beats nearest, MixQuant"),
     ]
     label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}"
     return f"- **{model} {label}**: " + "; ".join(parts) + "."
@@ -550,7 +586,12 @@ NOTES = (
     "--samples of them. *top-1*: onnxruntime CPU, ORT_ENABLE_ALL. *quantize s*: wall time of "
     "`onnx_mixquant.quantize` in a fresh subprocess (imports excluded); *peak RSS*: that subprocess's "
     "VmHWM, imports included. *BRECQ it/s*: median over the trained units of iterations per second; "
-    "*units learned*: units that kept learned rounding / all units."
+    "*units learned*: units that kept learned rounding / all units. *agree / KL vs FP32*: share of the eval "
+    "images on which the quantized and the FP32 model predict the same class, and the mean KL divergence "
+    "(nats) from the FP32 model's softmax to the quantized one's (fidelity: lower KL = closer to FP32). "
+    "Summary differences are paired over the same eval images: *± SD* is the standard deviation of a "
+    "top-1 difference from the images exactly one of the two models gets right (McNemar); a difference "
+    "within 2 SD is not significant."
 )
 
 
