@@ -118,13 +118,19 @@ class Row:
         return row_key(asdict(self))
 
 
-def setting_label(settings: dict[str, Any]) -> str:
+def preset_label(settings: dict[str, Any]) -> str:
     """The BRECQ setting of a row: a preset name, or 'N it, S samples, batch B' when none matches."""
     found = (settings.get("iters"), settings.get("samples"), settings.get("batch"))
     for name, preset in RECON_PRESETS.items():
         if found == preset:
             return name
     return f"{found[0]} it, {found[1]} samples, batch {found[2]}"
+
+
+def setting_label(settings: dict[str, Any]) -> str:
+    """:func:`preset_label`, with the calibration seed when it is not 0."""
+    seed = settings.get("seed") or 0
+    return preset_label(settings) + (f", calibration seed {seed}" if seed else "")
 
 
 def row_key(r: dict[str, Any]) -> tuple[str, int, str, str, str]:
@@ -422,9 +428,9 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     model = list(MODELS).index(r["model"]) if r["model"] in MODELS else len(MODELS)
     acts = ACTS.index(r["acts"]) if r["acts"] in ACTS else len(ACTS)
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
-    label = setting_label(r["settings"])
+    label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    return (model, r["model"], setting, label, -r["bits"], acts, method)
+    return (model, r["model"], setting, label, r["settings"].get("seed") or 0, -r["bits"], acts, method)
 
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
@@ -508,12 +514,7 @@ def _vs(a: dict[str, Any] | None, b: dict[str, Any] | None, what: str) -> str:
 
 def group_summary(model: str, bits: int, acts: str, rows: dict[str, dict[str, Any]]) -> str:
     """One summary line of a (model, bits, acts) group."""
-    g = rows.get
-    parts = [
-        _vs(g("mixquant+brecq"), g("uniform+brecq"), "MixQuant+BRECQ beats BRECQ alone"),
-        _vs(g("uniform+brecq"), g("uniform+nearest"), "BRECQ beats nearest, uniform"),
-        _vs(g("mixquant+brecq"), g("mixquant+nearest"), "BRECQ beats nearest, MixQuant"),
-    ]
+    parts = [_vs(rows.get(a), rows.get(b), what.replace(" minus ", " beats ")) for a, b, what in COMPARISONS]
     label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}"
     return f"- **{model} {label}**: " + "; ".join(parts) + "."
 
@@ -552,11 +553,12 @@ def model_block(
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_setting.setdefault(setting_label(r["settings"]), []).append(r)
-    for setting, group in by_setting.items():
+    for group in by_setting.values():
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
-        name = setting if setting in RECON_PRESETS else "custom"
-        lines += [f"#### BRECQ setting: {name} ({what})", ""]
+        name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
+        seed = f", calibration seed {s['seed']}" if s.get("seed") else ""
+        lines += [f"#### BRECQ setting: {name} ({what}){seed}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
         lines += ["", "Summary:", ""]
@@ -565,6 +567,40 @@ def model_block(
             groups.setdefault((r["bits"], r["acts"]), {})[r["method"]] = r
         lines += [group_summary(model, b, a, g) for (b, a), g in groups.items()]
         lines += [""]
+    across = seed_summaries(model, rows)
+    return [*lines, "Across calibration seeds:", "", *across, ""] if across else lines
+
+
+#: The comparisons of a group: (better, baseline, what).
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("mixquant+brecq", "uniform+brecq", "MixQuant+BRECQ minus BRECQ alone"),
+    ("uniform+brecq", "uniform+nearest", "BRECQ minus nearest, uniform"),
+    ("mixquant+brecq", "mixquant+nearest", "BRECQ minus nearest, MixQuant"),
+)
+
+
+def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Each comparison per seed and its mean, per (preset, bits, acts) measured with several seeds."""
+    by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        key = (preset_label(r["settings"]), r["bits"], r["acts"])
+        by_seed.setdefault(key, {}).setdefault(r["settings"].get("seed") or 0, {})[r["method"]] = r
+    lines = []
+    for (preset, bits, acts), seeds in by_seed.items():
+        parts = []
+        for better, base, what in COMPARISONS:
+            diffs = {
+                seed: 100.0 * (g[better]["top1"] - g[base]["top1"])
+                for seed, g in sorted(seeds.items())
+                if _ok(g.get(better)) and _ok(g.get(base))
+            }
+            if len(diffs) >= 2:
+                each = ", ".join(f"{d:+.2f}" for d in diffs.values())
+                mean = statistics.mean(diffs.values())
+                parts.append(f"{what}: mean {mean:+.2f} pts over seeds {', '.join(map(str, diffs))} ({each})")
+        if parts:
+            label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}, {preset}"
+            lines.append(f"- **{model} {label}**: " + "; ".join(parts) + ".")
     return lines
 
 
