@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 
 __all__ = [
     "HELD_OUT",
     "Adam",
     "Cache",
+    "ReconProgress",
+    "Run",
     "cache_inputs",
     "held_out_error",
     "run_tensor",
     "set_weight",
+    "softmax",
     "training_count",
 ]
+
+#: progress(stage, done, total, info): info carries the loss and iterations per second.
+ReconProgress = Callable[[str, int, int, str], None]
 
 #: At most this many samples are held out of training to check a unit's result (a quarter of them
 #: when there are fewer than 256).
@@ -159,3 +167,33 @@ def held_out_error(
         total += float(np.sum(square))
         count += batch
     return total / max(count, 1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 (classes of ``[N, classes]`` logits), float32; shifted by the row
+    maximum (no overflow), computed in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Run:
+    """What every unit of one reconstruction reads, in both stages: models, cached samples, settings."""
+
+    fp_model: ir.Model
+    work: ir.Model  # the FP graph, weights of the units done so far replaced by their quantized values
+    inputs: Mapping[str, np.ndarray]
+    cfg: ReconConfig
+    rng: np.random.Generator
+    cache: Cache
+    provider: str
+    progress: ReconProgress | None
+    _p_fp: np.ndarray | None = None
+
+    def p_fp(self) -> np.ndarray:
+        """FP class probabilities of every cached sample (softmax of the first output), once."""
+        if self._p_fp is None:
+            name = self.fp_model.graph.outputs[0].name or ""
+            self._p_fp = softmax(run_tensor(self.fp_model, name, self.inputs, self.cache, self.provider))
+        return self._p_fp

@@ -20,18 +20,17 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_mixquant.activations import ActivationPlan, insert_activation_qdq
-from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import node_names
 from onnx_mixquant.numerics import QParams
-from onnx_mixquant.reconstruct._common import Adam, Cache, held_out_error, run_tensor, training_count
+from onnx_mixquant.reconstruct._common import Adam, Run, held_out_error, run_tensor, training_count
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 from onnx_mixquant.reconstruct.blocks import Unit
 
@@ -69,37 +68,27 @@ def _cosine(t: int, total: int, lr: float) -> float:
 
 def learn_activation_steps(
     units: Sequence[Unit],
-    fp_model: ir.Model,
-    work: ir.Model,
+    run: Run,
     plan: ActivationPlan,
     params: Mapping[str, QParams],
-    inputs: Mapping[str, np.ndarray],
-    cfg: ReconConfig,
-    rng: np.random.Generator,
-    cache: Cache,
-    provider: str,
-    progress: Callable[[str, int, int, str], None] | None = None,
 ) -> tuple[dict[str, QParams], tuple[ActUnitReport, ...]]:
     """Learn the steps of the calibrated activation tensors, unit by unit.
 
     Args:
-        units: the reconstruction units of ``work``, in topological order.
-        fp_model: the FP model (targets).
-        work: the FP graph with every quantized weight replaced by its dequantized value.
-        plan: the activation plan of ``work``.
+        units: the reconstruction units of ``run.work``, in topological order.
+        run: the FP model (targets), ``work`` (the FP graph with every quantized weight replaced by
+            its dequantized value), the cached calibration samples, the settings (``act_iterations``,
+            ``act_lr``, ``batch``), the batch generator, the cache, the provider and the progress
+            callback, progress(stage, done, total, info).
+        plan: the activation plan of ``run.work``.
         params: calibrated 8-bit parameters of every ``plan.calibrated()`` tensor.
-        inputs: the cached calibration samples (model inputs).
-        cfg: ``act_iterations``, ``act_lr`` and ``batch``.
-        rng: draws the batches.
-        cache, provider: where unit inputs/targets are kept, and the onnxruntime provider.
-        progress: progress(stage, done, total, info).
 
     Returns:
         (the parameters with learned steps that were kept, by tensor name; a report per unit).
     """
     out, kept = dict(params), {}
     sites = {s.name: s for s in plan.sites}
-    made_by = _producers(work)
+    made_by = _producers(run.work)
     reports = []
     for i, unit in enumerate(units):
         stage = f"activation steps {i + 1}/{len(units)}"
@@ -113,8 +102,7 @@ def learn_activation_steps(
         if unit.input in sites:
             fixed[unit.input] = out[sites[unit.input].shared_with or unit.input]
         act = {**fixed, **{t: out[t] for t in learn}}
-        rep, learned = _unit(unit, fp_model, work, plan, out, act, learn, inputs, cfg, rng, cache, provider,
-                             stage, progress)  # fmt: skip
+        rep, learned = _unit(unit, run, plan, out, act, learn, stage)
         reports.append(rep)
         out.update(learned)
         kept.update(learned)
@@ -123,27 +111,25 @@ def learn_activation_steps(
 
 def _unit(
     unit: Unit,
-    fp_model: ir.Model,
-    work: ir.Model,
+    run: Run,
     plan: ActivationPlan,
     current: Mapping[str, QParams],
     act: Mapping[str, QParams],
     learn: Sequence[str],
-    inputs: Mapping[str, np.ndarray],
-    cfg: ReconConfig,
-    rng: np.random.Generator,
-    cache: Cache,
-    provider: str,
     stage: str,
-    progress: Callable[[str, int, int, str], None] | None,
 ) -> tuple[ActUnitReport, dict[str, QParams]]:
+    """Learn the steps ``learn`` of one unit, the other activations at ``current`` (``act``: the
+    parameters of the unit's own fake-quants); returns its report and the steps it keeps."""
     t0 = time.perf_counter()
-    quantized = work.clone()
+    cfg, rng, progress = run.cfg, run.rng, run.progress
+    quantized = run.work.clone()
     insert_activation_qdq(quantized, plan, current)
-    x = run_tensor(quantized, unit.input, inputs, cache, provider)
-    y = run_tensor(fp_model, unit.output, inputs, cache, provider)
+    x = run_tensor(quantized, unit.input, run.inputs, run.cache, run.provider)
+    y = run_tensor(run.fp_model, unit.output, run.inputs, run.cache, run.provider)
     try:
-        program = UnitProgram(work, unit, [], (cfg.batch, *x.shape[1:]), act_quant=act, provider=provider)
+        program = UnitProgram(
+            run.work, unit, [], (cfg.batch, *x.shape[1:]), act_quant=act, provider=run.provider
+        )
     except UnsupportedModelError as e:
         logger.warning("%s %s: %s; keeping the calibrated steps", stage, unit.name, e)
         return ActUnitReport(unit.name, tuple(learn), 0, 0.0, None, None, "calibrated", str(e)), {}

@@ -34,6 +34,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import default_opset
+from onnx_mixquant.reconstruct._common import softmax
 from onnx_mixquant.reconstruct._dwconv import reverse
 from onnx_mixquant.reconstruct.adaround import _LEVEL, _session
 from onnx_mixquant.validate import available_providers
@@ -49,14 +50,6 @@ def fisher_weight(g: np.ndarray) -> np.ndarray:
     Example: ``g = [-2, 0, 0.5]`` gives ``[9, 1, 2.25]``.
     """
     return np.square(np.abs(np.asarray(g, dtype=np.float32)) + np.float32(1.0))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over axis 1 (classes of ``[N, classes]`` logits), float32; shifted by the row
-    maximum (no overflow), computed in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class FisherProgram:

@@ -32,6 +32,8 @@ from onnx_mixquant.numerics import QParams, dequantize
 from onnx_mixquant.reconstruct._common import (
     Adam,
     Cache,
+    ReconProgress,
+    Run,
     cache_inputs,
     held_out_error,
     run_tensor,
@@ -41,16 +43,13 @@ from onnx_mixquant.reconstruct._common import (
 from onnx_mixquant.reconstruct.actsteps import ActUnitReport, learn_activation_steps
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
 from onnx_mixquant.reconstruct.blocks import Unit, partition
-from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight, softmax
+from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight
 from onnx_mixquant.rounding import QuantizedWeight
 from onnx_mixquant.validate import available_providers
 
 __all__ = ["ReconResult", "UnitReport", "reconstruct"]
 
 logger = logging.getLogger(__name__)
-
-#: progress(stage, done, total, info): info carries the loss and iterations per second.
-ReconProgress = Callable[[str, int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def reconstruct(
         blocks=cfg.granularity is ReconGranularity.BLOCK,
         differentiable=differentiable,
     )
-    run = _Run(fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress)
+    run = Run(fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress)
     result = dict(nearest)
     reports = []
     act_params: dict[str, QParams] | None = None
@@ -203,19 +202,7 @@ def reconstruct(
                     set_weight(run.work, name, dequantize(result[name].q, result[name].qparams))
         if act_init is not None and cfg.act_iterations > 0:
             plan, params = act_init(run.work)
-            act_params, act_units = learn_activation_steps(
-                units,
-                fp_model,
-                run.work,
-                plan,
-                params,
-                run.inputs,
-                cfg,
-                run.rng,
-                run.cache,
-                provider,
-                progress,
-            )
+            act_params, act_units = learn_activation_steps(units, run, plan, params)
     finally:
         run.cache.close()
     return ReconResult(
@@ -239,30 +226,8 @@ def _without_zero_pads(model: ir.Model) -> ir.Model:
     return folded if fold_pads_into_convs(folded) else model
 
 
-@dataclass
-class _Run:
-    """What every unit of one reconstruction reads: models, cached samples, settings."""
-
-    fp_model: ir.Model
-    work: ir.Model  # the FP graph, weights of the units done so far replaced by their quantized values
-    inputs: Mapping[str, np.ndarray]
-    cfg: ReconConfig
-    rng: np.random.Generator
-    cache: Cache
-    provider: str
-    progress: ReconProgress | None
-    _p_fp: np.ndarray | None = None
-
-    def p_fp(self) -> np.ndarray:
-        """FP class probabilities of every cached sample (softmax of the first output), once."""
-        if self._p_fp is None:
-            name = self.fp_model.graph.outputs[0].name or ""
-            self._p_fp = softmax(run_tensor(self.fp_model, name, self.inputs, self.cache, self.provider))
-        return self._p_fp
-
-
 def _fisher_weights(
-    unit: Unit, run: _Run, program: UnitProgram, x: np.ndarray, v: Mapping[str, np.ndarray]
+    unit: Unit, run: Run, program: UnitProgram, x: np.ndarray, v: Mapping[str, np.ndarray]
 ) -> np.ndarray:
     """(|dKL/dt| + 1)^2 per sample, t = the unit's output with nearest rounding (the reference's
     ``save_grad_data``: the model quantized up to this unit, the rest FP)."""
@@ -281,7 +246,7 @@ def _fisher_weights(
 
 def _reconstruct_unit(
     unit: Unit,
-    run: _Run,
+    run: Run,
     nearest: Mapping[str, QuantizedWeight],
     weights: Mapping[str, np.ndarray],
     stage: str,
