@@ -7,6 +7,8 @@ never copied into the repository. From the repository root::
     python tools/bench_recon.py                     # resnet20, W4/W3 x weight-only/A8, 16 quantizations
     python tools/bench_recon.py --models resnet56_cifar10 --bits 4 --acts a8
     python tools/bench_recon.py --quick             # resnet20 W4A8, 2000 eval images, 200 iterations
+    python tools/bench_recon.py --bits 4 --acts a8 --preset cpu     # the cpu preset (2000 iterations)
+    python tools/bench_recon.py --bits 4 --methods uniform+brecq,mixquant+brecq --seed 1
 
 For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
 ``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
@@ -22,11 +24,13 @@ mixquant+brecq      MixQuant budget rule at B average bits, then BRECQ
 ==================  ========================================================================
 
 Weight grid: ``QuantizerConfig.symmetry`` is left at None, which the library resolves to asymmetric
-(uint, zero-point) weights when weight-only and symmetric (int, zero-point 0) weights with A8; the grid
-each row used is read back from the report's settings. Every quantization runs in a fresh subprocess
+(uint, zero-point) weights when weight-only and, with A8, symmetric int8 for 5-8 bits and asymmetric
+for 2-4 bits; the grid each row used is read back from the report's settings. Besides top-1, each row
+records its agreement with the FP32 model's predictions and the mean KL divergence from FP32, and
+which eval images it gets right, so that every comparison is paired (McNemar SD) over the same images. Every quantization runs in a fresh subprocess
 (``--_one``) that reports its own peak RSS (``VmHWM``); the parent evaluates top-1 with onnxruntime
 CPU (ORT_ENABLE_ALL). Results are MERGED into ``benchmarks/recon.json`` by (model, bits, acts,
-method), each row keeping the command that produced it, and the BENCHMARKS.md section between the
+method, BRECQ setting: preset and calibration seed), each row keeping the command that produced it, and the BENCHMARKS.md section between the
 ``bench:recon`` markers is rendered from every stored row, so separate invocations accumulate.
 """
 
