@@ -24,14 +24,15 @@ mixquant+brecq      MixQuant budget rule at B average bits, then BRECQ
 ==================  ========================================================================
 
 Weight grid: ``QuantizerConfig.symmetry`` is left at None, which the library resolves to asymmetric
-(uint, zero-point) weights when weight-only and, with A8, symmetric int8 for 5-8 bits and asymmetric
-for 2-4 bits; the grid each row used is read back from the report's settings. Besides top-1, each row
-records its agreement with the FP32 model's predictions and the mean KL divergence from FP32, and
-which eval images it gets right, so that every comparison is paired (McNemar SD) over the same images. Every quantization runs in a fresh subprocess
-(``--_one``) that reports its own peak RSS (``VmHWM``); the parent evaluates top-1 with onnxruntime
-CPU (ORT_ENABLE_ALL). Results are MERGED into ``benchmarks/recon.json`` by (model, bits, acts,
-method, BRECQ setting: preset and calibration seed), each row keeping the command that produced it, and the BENCHMARKS.md section between the
-``bench:recon`` markers is rendered from every stored row, so separate invocations accumulate.
+(uint, zero-point) weights when weight-only and, with A8, symmetric int8 for 5-8 bits and asymmetric for
+2-4 bits; the grid each row used is read back from the report's settings. Besides top-1, each row
+records its agreement with the FP32 model's predictions and the mean KL divergence from FP32, and which
+eval images it gets right, so that every comparison is paired (McNemar SD) over the same images. Every
+quantization runs in a fresh subprocess (``--_one``) that reports its own peak RSS (``VmHWM``); the
+parent evaluates top-1 with onnxruntime CPU (ORT_ENABLE_ALL). Results are MERGED into
+``benchmarks/recon.json`` by (model, bits, acts, method, BRECQ setting: preset and calibration seed),
+each row keeping the command that produced it, and the BENCHMARKS.md section between the ``bench:recon``
+markers is rendered from every stored row, so separate invocations accumulate.
 """
 
 from __future__ import annotations
