@@ -132,10 +132,25 @@ def preset_label(settings: dict[str, Any]) -> str:
     return f"{found[0]} it, {found[1]} samples, batch {found[2]}"
 
 
+def seed_of(settings: dict[str, Any]) -> int:
+    """The calibration seed of a row (0 for rows stored before seeds were recorded)."""
+    return int(settings.get("seed") or 0)
+
+
+def seed_suffix(settings: dict[str, Any]) -> str:
+    """', calibration seed N' when the seed is not 0, else ''."""
+    seed = seed_of(settings)
+    return f", calibration seed {seed}" if seed else ""
+
+
 def setting_label(settings: dict[str, Any]) -> str:
     """:func:`preset_label`, with the calibration seed when it is not 0."""
-    seed = settings.get("seed") or 0
-    return preset_label(settings) + (f", calibration seed {seed}" if seed else "")
+    return preset_label(settings) + seed_suffix(settings)
+
+
+def group_label(bits: int, acts: str) -> str:
+    """'W4A8' or 'W4 weight-only'."""
+    return f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}"
 
 
 def row_key(r: dict[str, Any]) -> tuple[str, int, str, str, str]:
@@ -435,7 +450,7 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    return (model, r["model"], setting, label, r["settings"].get("seed") or 0, -r["bits"], acts, method)
+    return (model, r["model"], setting, label, seed_of(r["settings"]), -r["bits"], acts, method)
 
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
@@ -520,8 +535,7 @@ def _vs(a: dict[str, Any] | None, b: dict[str, Any] | None, what: str) -> str:
 def group_summary(model: str, bits: int, acts: str, rows: dict[str, dict[str, Any]]) -> str:
     """One summary line of a (model, bits, acts) group."""
     parts = [_vs(rows.get(a), rows.get(b), what.replace(" minus ", " beats ")) for a, b, what in COMPARISONS]
-    label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}"
-    return f"- **{model} {label}**: " + "; ".join(parts) + "."
+    return f"- **{model} {group_label(bits, acts)}**: " + "; ".join(parts) + "."
 
 
 def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -562,8 +576,7 @@ def model_block(
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
         name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
-        seed = f", calibration seed {s['seed']}" if s.get("seed") else ""
-        lines += [f"#### BRECQ setting: {name} ({what}){seed}", ""]
+        lines += [f"#### BRECQ setting: {name} ({what}){seed_suffix(s)}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
         lines += ["", "Summary:", ""]
@@ -589,7 +602,7 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         key = (preset_label(r["settings"]), r["bits"], r["acts"])
-        by_seed.setdefault(key, {}).setdefault(r["settings"].get("seed") or 0, {})[r["method"]] = r
+        by_seed.setdefault(key, {}).setdefault(seed_of(r["settings"]), {})[r["method"]] = r
     lines = []
     for (preset, bits, acts), seeds in by_seed.items():
         parts = []
@@ -604,8 +617,7 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
                 mean = statistics.mean(diffs.values())
                 parts.append(f"{what}: mean {mean:+.2f} pts over seeds {', '.join(map(str, diffs))} ({each})")
         if parts:
-            label = f"W{bits}{'A8' if acts == 'a8' else ' weight-only'}, {preset}"
-            lines.append(f"- **{model} {label}**: " + "; ".join(parts) + ".")
+            lines.append(f"- **{model} {group_label(bits, acts)}, {preset}**: " + "; ".join(parts) + ".")
     return lines
 
 
