@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from onnx_mixquant.config import (
     ActivationConfig,
+    BiasConfig,
+    BiasCorrection,
     CalibMethod,
     ExportConfig,
     Granularity,
@@ -18,6 +20,9 @@ from onnx_mixquant.config import (
     QemReference,
     QuantConfig,
     QuantizerConfig,
+    ReconConfig,
+    ReconGranularity,
+    RoundingMethod,
     ScaleMethod,
     SearchConfig,
     SearchRule,
@@ -39,6 +44,8 @@ from onnx_mixquant.report import ActivationReport, Report, WeightReport
 
 __all__ = [
     "ActivationConfig",
+    "BiasConfig",
+    "BiasCorrection",
     "CalibMethod",
     "CalibrationError",
     "ConfigError",
@@ -52,7 +59,10 @@ __all__ = [
     "QemReference",
     "QuantConfig",
     "QuantizerConfig",
+    "ReconConfig",
+    "ReconGranularity",
     "Report",
+    "RoundingMethod",
     "ActivationReport",
     "ScaleMethod",
     "SearchConfig",

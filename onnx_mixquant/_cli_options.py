@@ -13,6 +13,8 @@ import click
 from onnx_mixquant.config import (
     RECON_PRESETS,
     ActivationConfig,
+    BiasConfig,
+    BiasCorrection,
     CalibMethod,
     ExportConfig,
     Granularity,
@@ -150,6 +152,7 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
         ),
         activations=_activation_config(opts),
         recon=_recon_config(opts),
+        bias=BiasConfig(mode=BiasCorrection(opts["bias_correction"])),
         seed=opts["seed"],
     )
 

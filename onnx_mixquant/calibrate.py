@@ -36,7 +36,7 @@ from onnx_mixquant.config import ActivationConfig, CalibMethod
 from onnx_mixquant.errors import CalibrationError, UnsupportedModelError
 from onnx_mixquant.validate import available_providers
 
-__all__ = ["CalibrationResult", "TensorRange", "collect_ranges"]
+__all__ = ["CalibrationResult", "TensorRange", "batch_samples", "collect_ranges", "probe_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _new_session(source: bytes | str) -> ort.InferenceSession:
 
 
 @contextlib.contextmanager
-def _session(probe: ir.Model) -> Iterator[ort.InferenceSession]:
+def probe_session(probe: ir.Model) -> Iterator[ort.InferenceSession]:
     """One session on ``probe``: from bytes, or from a temporary folder with external data when
     the tensors are too large for one protobuf message (the folder is deleted on exit)."""
     if _tensor_bytes(probe) <= _EXTERNAL_THRESHOLD:
@@ -198,7 +198,7 @@ def _session(probe: ir.Model) -> Iterator[ort.InferenceSession]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _batch_samples(feed: Mapping[str, np.ndarray]) -> int:
+def batch_samples(feed: Mapping[str, np.ndarray]) -> int:
     """Axis 0 of the first input (1 for a scalar or an input-less model)."""
     shape: tuple[int, ...] = np.shape(next(iter(feed.values()))) if feed else ()
     return int(shape[0]) if shape else 1
@@ -227,7 +227,7 @@ def _run(
         for s, out in zip(stats, outs, strict=True):
             s.add(np.asarray(out))
         del outs
-        samples += _batch_samples(feed)
+        samples += batch_samples(feed)
         logger.debug("calibration batch %d done", i + 1)
         if progress is not None:
             progress(i + 1, total)
@@ -283,7 +283,7 @@ def collect_ranges(
     probe = _probe_model(model, names)
     use_hist = cfg.method is not CalibMethod.MINMAX
     stats = [_TensorStats(n, cfg.num_bins if use_hist else None) for n in names]
-    with _session(probe) as sess:
+    with probe_session(probe) as sess:
         provider = sess.get_providers()[0]
         samples = _run(sess, stats, batches, progress, total_batches or 0)
     if samples == 0:

@@ -30,6 +30,8 @@ from onnx_mixquant.config import (
     DEFAULT_BITS,
     RECON_PRESETS,
     ActivationConfig,
+    BiasConfig,
+    BiasCorrection,
     CalibMethod,
     Granularity,
     ImageLayout,
@@ -214,6 +216,15 @@ def _ask_dim(input_name: str, dim: str) -> int:
     type=click.IntRange(min=0),
     help="BRECQ with --calib: iterations per unit learning the 8-bit activation step sizes (LSQ) "
     "after the rounding. Default: a quarter of --iters (the reference ratio); 0 keeps the calibrated steps.",
+)
+@click.option(
+    "--bias-correction",
+    type=click.Choice([m.value for m in BiasCorrection]),
+    default=BiasConfig().mode.value,
+    show_default=True,
+    help="Empirical bias correction (needs --calib): add to each layer's bias the shift quantization "
+    "made in its per-channel output mean on the calibration data, layer by layer ('all', one pass over "
+    "the calibration data per layer) or for the last layers only ('output').",
 )
 @click.option(
     "--calib",

@@ -17,6 +17,8 @@ from onnx_mixquant.errors import ConfigError
 __all__ = [
     "DEFAULT_BITS",
     "ActivationConfig",
+    "BiasConfig",
+    "BiasCorrection",
     "CalibMethod",
     "ExportConfig",
     "ImageLayout",
@@ -344,6 +346,22 @@ RECON_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+class BiasCorrection(enum.Enum):
+    """Empirical bias correction after rounding: none, the output layers only, or every layer."""
+
+    OFF = "off"
+    OUTPUT = "output"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class BiasConfig:
+    """Empirical bias correction (needs calibration data): add to each layer's bias the shift
+    quantization made in its per-channel output mean (see ``biascorrect.py``)."""
+
+    mode: BiasCorrection = BiasCorrection.OFF
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """The QDQ rewrite and the saved file."""
@@ -393,6 +411,7 @@ class QuantConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     seed: int = 0

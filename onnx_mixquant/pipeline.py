@@ -1,7 +1,8 @@
 """The pipeline: the only module that knows the order of the stages.
 
-read graph -> roundoff-error table -> bit plan (MixQuant) -> rounding (nearest)
-    -> rewrite with Q/DQ -> save (staged) -> validate in onnxruntime -> report
+read graph -> roundoff-error table -> bit plan (MixQuant) -> rounding (nearest, or BRECQ)
+    -> [bias correction: FP output means] -> rewrite with Q/DQ -> [activation Q/DQ]
+    -> [bias correction] -> [int32 Gemm biases] -> save (staged) -> validate in onnxruntime -> report
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from onnx_mixquant import activations, calibrate, data, export, graph, rounding, search, validate
+from onnx_mixquant import (
+    activations,
+    biascorrect,
+    calibrate,
+    data,
+    export,
+    graph,
+    rounding,
+    search,
+    validate,
+)
 from onnx_mixquant._assemble import gate_failures, settings_dict, warnings_for, weight_reports
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._padfold import fold_pads_into_convs
-from onnx_mixquant.config import ImageSpec, QuantConfig, RoundingMethod, Symmetry
+from onnx_mixquant.config import BiasCorrection, ImageSpec, QuantConfig, RoundingMethod, Symmetry
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import QParams
 from onnx_mixquant.report import (
@@ -108,12 +119,25 @@ def quantize(
     recon, learned = None, None
     if cfg.recon.method is RoundingMethod.BRECQ:
         quantized, recon, learned = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
+    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress)
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
-    acts = None
+    acts = bias = None
     try:
         if calib_data is not None and cfg.activations.enabled:
             acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
+        if bias_ref is not None and calib_data is not None:
+            with _timed(timings, "bias_correction"):
+                bias = biascorrect.correct_biases(
+                    model,
+                    *bias_ref,
+                    calib_data.batches,
+                    cfg.bias,
+                    _stage_progress(progress, "bias correction"),
+                    calib_data.num_batches,
+                )
+        if acts is not None:
+            activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
     finally:
         if calib_data is not None:
             calib_data.close()  # removes what a one-shot reader spooled to disk
@@ -154,6 +178,7 @@ def quantize(
         warnings=warnings_for(read, plan, exported, acts),
         activations=acts,
         reconstruction=recon,
+        bias_correction=bias,
     )
 
 
@@ -244,13 +269,41 @@ def _reconstruct(
     return dict(result.weights), report, result.act_params
 
 
+def _bias_reference(
+    read: graph.ReadModel,
+    cfg: QuantConfig,
+    calib: data.CalibrationData | None,
+    timings: dict[str, float],
+    progress: Progress | None,
+) -> tuple[biascorrect.BiasPlan, list[np.ndarray]] | None:
+    """The biases to correct and the FP model's output means (before export rewrites the model)."""
+    if cfg.bias.mode is BiasCorrection.OFF or calib is None:
+        return None
+    with _timed(timings, "bias_reference"):
+        plan = biascorrect.plan_correction(read.model, read.sites)
+        means = biascorrect.reference_means(
+            read.model,
+            plan.targets,
+            calib.batches(),
+            _stage_progress(progress, "bias reference"),
+            calib.num_batches,
+        )
+    return plan, means
+
+
 def _open_calibration(
     read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None
 ) -> data.CalibrationData | None:
     act = cfg.activations
     if calib is None:
-        if act.enabled or cfg.recon.method is RoundingMethod.BRECQ:
-            what = "activation quantization" if act.enabled else "--method brecq"
+        if act.enabled or cfg.recon.method is RoundingMethod.BRECQ or cfg.bias.mode is not BiasCorrection.OFF:
+            what = (
+                "activation quantization"
+                if act.enabled
+                else "--method brecq"
+                if cfg.recon.method is RoundingMethod.BRECQ
+                else "--bias-correction"
+            )
             raise ConfigError(f"{what} needs calibration data (--calib PATH)")
         return None
     return data.open_calibration(
@@ -291,7 +344,6 @@ def _quantize_activations(
     if learned is not None:
         params.update((n, learned[n]) for n in params if n in learned)
     activations.insert_activation_qdq(model, aplan, params)
-    activations.quantize_gemm_biases(model)
     compute = _compute_readers(model, aplan)
     return ActivationReport(
         method=act.method.value,

@@ -16,6 +16,7 @@ from onnx_mixquant.graph import SkippedWeight
 from onnx_mixquant.validate import ValidationResult
 
 if TYPE_CHECKING:  # the reconstruction stage (and onnx-ad) is imported only when BRECQ runs
+    from onnx_mixquant.biascorrect import BiasReport
     from onnx_mixquant.reconstruct.actsteps import ActUnitReport
     from onnx_mixquant.reconstruct.train import UnitReport
 
@@ -119,6 +120,7 @@ class Report:
     warnings: tuple[str, ...] = ()
     activations: ActivationReport | None = None
     reconstruction: ReconReport | None = None
+    bias_correction: BiasReport | None = None
 
 
 def _clean(x: Any) -> Any:
@@ -195,6 +197,7 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
         if len(quant) > max_weights:
             lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
     lines.extend(_recon_lines(report.reconstruction))
+    lines.extend(_bias_lines(report.bias_correction))
     lines.extend(_activation_lines(report.activations))
     lines.extend(_validation_lines(report.validation))
     lines.extend(f"warning: {w}" for w in report.warnings)
@@ -273,4 +276,25 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
                 )
             else:
                 out.append(f"  {a.name[:60]:<60} calibrated steps: {a.reason}")
+    return out
+
+
+def _bias_lines(b: BiasReport | None) -> list[str]:
+    if b is None:
+        return []
+    if not b.layers:
+        out = [f"bias correction ({b.mode}): no layer to correct"]
+    else:
+        before = sum(x.error_before for x in b.layers) / len(b.layers)
+        after = sum(x.error_after for x in b.layers) / len(b.layers)
+        created = sum(x.created for x in b.layers)
+        out = [
+            f"bias correction ({b.mode}, {b.passes} passes over {b.num_samples} "
+            f"samples, {b.provider}, {b.seconds:.1f} s): {len(b.layers)} layers"
+            + (f" ({created} had no bias: a zero one was added)" if created else "")
+            + f"; mean |FP - quantized output mean| per channel {before:.3g} -> {after:.3g}"
+        ]
+    out.extend(f"  not corrected: {node}: {why}" for node, why in b.skipped[:8])
+    if len(b.skipped) > 8:
+        out.append(f"  ... {len(b.skipped) - 8} more not corrected (see --report)")
     return out

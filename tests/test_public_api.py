@@ -7,6 +7,11 @@ import onnx_mixquant
 EXPECTED = {
     "ActivationConfig",
     "ActivationReport",
+    "BiasConfig",
+    "BiasCorrection",
+    "ReconConfig",
+    "ReconGranularity",
+    "RoundingMethod",
     "CalibMethod",
     "ImageLayout",
     "ImageSpec",
