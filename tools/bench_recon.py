@@ -9,6 +9,7 @@ never copied into the repository. From the repository root::
     python tools/bench_recon.py --quick             # resnet20 W4A8, 2000 eval images, 200 iterations
     python tools/bench_recon.py --bits 4 --acts a8 --preset cpu     # the cpu preset (2000 iterations)
     python tools/bench_recon.py --bits 4 --methods uniform+brecq,mixquant+brecq --seed 1
+    python tools/bench_recon.py --bits 4 --bias-correction all    # with empirical bias correction
 
 For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
 ``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
@@ -63,7 +64,7 @@ from onnx_mixquant import (
     ValidateConfig,
     quantize,
 )
-from onnx_mixquant.config import RECON_PRESETS, ReconConfig, RoundingMethod
+from onnx_mixquant.config import RECON_PRESETS, BiasConfig, BiasCorrection, ReconConfig, RoundingMethod
 
 SECTION = "recon"
 JSON_NAME = "recon.json"
@@ -143,9 +144,15 @@ def seed_suffix(settings: dict[str, Any]) -> str:
     return f", calibration seed {seed}" if seed else ""
 
 
+def bias_suffix(settings: dict[str, Any]) -> str:
+    """', bias correction MODE' when the row used one, else '' (rows stored before it: off)."""
+    mode = settings.get("bias_correction") or BiasCorrection.OFF.value
+    return "" if mode == BiasCorrection.OFF.value else f", bias correction {mode}"
+
+
 def setting_label(settings: dict[str, Any]) -> str:
-    """:func:`preset_label`, with the calibration seed when it is not 0."""
-    return preset_label(settings) + seed_suffix(settings)
+    """:func:`preset_label`, with the bias correction when used and the calibration seed when not 0."""
+    return preset_label(settings) + bias_suffix(settings) + seed_suffix(settings)
 
 
 def group_label(bits: int, acts: str) -> str:
@@ -180,6 +187,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="BRECQ batch (default: the preset's)")
     p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument(
+        "--bias-correction",
+        default=BiasCorrection.OFF.value,
+        choices=[m.value for m in BiasCorrection],
+        help="empirical bias correction of every row (default off)",
+    )
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
     bd.add_io_args(p, quick_help="resnet20 W4A8, 2000 eval images, 200 iterations", json_name=JSON_NAME)
     p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
@@ -237,7 +250,13 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         method=CalibMethod.PERCENTILE,
         calib_size=spec["calib_size"],
     )
-    return QuantConfig(search=search, activations=acts, recon=recon, validate=ValidateConfig(enabled=False))
+    return QuantConfig(
+        search=search,
+        activations=acts,
+        recon=recon,
+        bias=BiasConfig(mode=BiasCorrection(spec.get("bias_correction", "off"))),
+        validate=ValidateConfig(enabled=False),
+    )
 
 
 class UnitProgress:
@@ -286,7 +305,11 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     """quantize() of one job on the list of chosen calibration images."""
     files = [Path(f) for f in Path(spec["calib"]).read_text().splitlines()]
     cfg = tool_config(spec)
-    needs_calib = cfg.activations.enabled or cfg.recon.method is RoundingMethod.BRECQ
+    needs_calib = (
+        cfg.activations.enabled
+        or cfg.recon.method is RoundingMethod.BRECQ
+        or cfg.bias.mode is not BiasCorrection.OFF
+    )
     label = f"{spec['name']} W{spec['bits']} {spec['acts']} {spec['method']}"
     t0 = time.perf_counter()
     report = quantize(
@@ -372,6 +395,7 @@ def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[
         "act_calib_method": CalibMethod.PERCENTILE.value if acts == "a8" else None,
         "seed": args.seed,
         "eval_limit": args.limit,
+        "bias_correction": args.bias_correction,
     }
 
 
@@ -405,6 +429,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job = {"name": name, "model": str(model_path), "calib": str(calib_list)}
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
+                job.update(bias_correction=args.bias_correction)
                 run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
@@ -450,7 +475,8 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    return (model, r["model"], setting, label, seed_of(r["settings"]), -r["bits"], acts, method)
+    bias = bias_suffix(r["settings"])
+    return (model, r["model"], setting, label, bias, seed_of(r["settings"]), -r["bits"], acts, method)
 
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
@@ -576,7 +602,7 @@ def model_block(
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
         name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
-        lines += [f"#### BRECQ setting: {name} ({what}){seed_suffix(s)}", ""]
+        lines += [f"#### BRECQ setting: {name} ({what}){bias_suffix(s)}{seed_suffix(s)}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
         lines += ["", "Summary:", ""]
@@ -601,7 +627,7 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     """Each comparison per seed and its mean, per (preset, bits, acts) measured with several seeds."""
     by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in rows:
-        key = (preset_label(r["settings"]), r["bits"], r["acts"])
+        key = (preset_label(r["settings"]) + bias_suffix(r["settings"]), r["bits"], r["acts"])
         by_seed.setdefault(key, {}).setdefault(seed_of(r["settings"]), {})[r["method"]] = r
     lines = []
     for (preset, bits, acts), seeds in by_seed.items():
