@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +45,7 @@ __all__ = [
     "BiasReport",
     "BiasTarget",
     "correct_biases",
+    "first_samples",
     "plan_correction",
     "reference_means",
 ]
@@ -303,6 +304,17 @@ def _measure(
     return means, count
 
 
+def first_samples(batches: Iterable[dict[str, np.ndarray]], limit: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first batches, up to the one that reaches ``limit`` samples (batches are never cut: a
+    model may fix its batch size)."""
+    seen = 0
+    for feed in batches:
+        if seen >= limit:
+            return
+        seen += batch_samples(feed)
+        yield feed
+
+
 def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
     done = [0]
 
@@ -385,7 +397,10 @@ def correct_biases(
         provider = sess.get_providers()[0]
 
         def measure(which: list[int]) -> tuple[list[np.ndarray], int]:
-            feeds = ({**f, **{t.bias: b for t, b in zip(active, bias, strict=True)}} for f in batches())
+            feeds = (
+                {**f, **{t.bias: b for t, b in zip(active, bias, strict=True)}}
+                for f in first_samples(batches(), cfg.samples)
+            )
             means, n = _measure(sess, [names[i] for i in which], feeds, [active[i] for i in which], tick)
             return [ref[i] - m for i, m in zip(which, means, strict=True)], n
 

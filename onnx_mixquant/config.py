@@ -360,6 +360,15 @@ class BiasConfig:
     quantization made in its per-channel output mean (see ``biascorrect.py``)."""
 
     mode: BiasCorrection = BiasCorrection.OFF
+    #: Calibration samples the means are measured on (the first ones; FP and quantized means are
+    #: compared on the same samples, so few suffice: resnet20 and EfficientNet-Lite0 W4 gave the same
+    #: top-1 from 32 as from 256, BENCHMARKS.md). ``ALL`` costs about half a forward pass over them
+    #: per corrected layer.
+    samples: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(f"bias correction samples must be a positive integer, got {self.samples!r}")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def quantize(
                     calib_data.batches,
                     cfg.bias,
                     _stage_progress(progress, "bias correction"),
-                    calib_data.num_batches,
+                    _bias_batches(calib_data, cfg),
                 )
         if acts is not None:
             activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
@@ -284,11 +284,16 @@ def _bias_reference(
         means = biascorrect.reference_means(
             read.model,
             plan.targets,
-            calib.batches(),
+            biascorrect.first_samples(calib.batches(), cfg.bias.samples),
             _stage_progress(progress, "bias reference"),
-            calib.num_batches,
+            _bias_batches(calib, cfg),
         )
     return plan, means
+
+
+def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig) -> int:
+    """Calibration batches the bias correction reads per pass."""
+    return min(calib.num_batches, -(-cfg.bias.samples // calib.batch_size))
 
 
 def _open_calibration(
