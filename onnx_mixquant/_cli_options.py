@@ -152,7 +152,10 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
         ),
         activations=_activation_config(opts),
         recon=_recon_config(opts),
-        bias=BiasConfig(mode=BiasCorrection(opts["bias_correction"])),
+        bias=BiasConfig(
+            mode=BiasCorrection(opts["bias_correction"]) if opts["bias_correction"] else None,
+            samples=opts["bias_samples"],
+        ),
         seed=opts["seed"],
     )
 

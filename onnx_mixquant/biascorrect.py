@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir  # noqa: TID251
 
+from onnx_mixquant import _segments
 from onnx_mixquant.calibrate import batch_samples, probe_session
 from onnx_mixquant.config import BiasConfig, BiasCorrection
 from onnx_mixquant.errors import CalibrationError
@@ -102,10 +103,12 @@ class BiasLayer:
 
 @dataclass(frozen=True)
 class BiasReport:
-    """What :func:`correct_biases` did."""
+    """What :func:`correct_biases` did; ``num_samples`` is what the means were measured on."""
 
     mode: str
-    passes: int
+    #: How each layer was measured with the earlier ones corrected: "segments" (the model run in
+    #: segments, one pass), "prefixes" (a pass per layer), or "output layers" (one pass, ``OUTPUT``).
+    method: str
     num_samples: int
     provider: str
     seconds: float
@@ -336,11 +339,7 @@ def reference_means(
     """The FP model's per-channel output mean of each target (``model`` is not modified)."""
     if not targets:
         return []
-    probe = model.clone()
-    names = _add_means(probe, targets)
-    with probe_session(probe) as sess:
-        means, _ = _measure(sess, names, batches, targets, _ticker(progress, total_batches))
-    return means
+    return _means(model, targets, batches, _ticker(progress, total_batches))[0]
 
 
 def _topological(graph: ir.Graph, targets: Sequence[BiasTarget]) -> list[BiasTarget]:
@@ -361,60 +360,56 @@ def correct_biases(
     """Correct the biases of ``plan``'s targets (per ``cfg.mode``) in ``model``, in place.
 
     ``ALL``: layer by layer in graph order, each measured with every earlier layer already
-    corrected (one pass over the calibration data per layer; onnxruntime computes only the part of
-    the model the requested mean depends on). ``OUTPUT``: the output layers, from one pass (they do
-    not feed one another). A last pass measures what is left, for the report.
+    corrected: the model is run in segments cut after each layer (``_segments.py``, about one
+    forward pass in all), or, for graphs with subgraphs, a prefix of the model per layer (half a
+    forward pass each on average). ``OUTPUT``: the output layers, from one pass (they do not feed
+    one another). A pass before and one after measure the errors for the report.
 
     Args:
         model: the quantized model, biases still float initializers named as in the plan.
         plan: from :func:`plan_correction` on the FP model.
         reference: :func:`reference_means` of ``plan.targets``, same order.
         batches: returns a fresh iterable of calibration feeds (called once per pass).
-        cfg: the mode.
-        progress: (batches done, batches of all passes).
+        cfg: the mode and the samples to measure on.
+        progress: (steps done, steps in all).
         total_batches: batches per pass (for ``progress``).
     """
     start = time.perf_counter()
-    chosen = set(plan.active(cfg.mode))
+    mode = cfg.mode or BiasCorrection.OFF  # None is resolved by the pipeline before this stage
+    chosen = set(plan.active(mode))
     if not chosen:
-        return BiasReport(cfg.mode.value, 0, 0, "-", 0.0, (), plan.skipped)
+        return BiasReport(mode.value, "-", 0, "-", 0.0, (), plan.skipped)
     active = _topological(model.graph, [t for t in plan.targets if t in chosen])
     ref_by_bias = {t.bias: r for t, r in zip(plan.targets, reference, strict=True)}
     ref = [ref_by_bias[t.bias] for t in active]
-    probe = model.clone()
-    names = _add_means(probe, active)
-    for t in active:  # the biases become inputs: one session serves every pass
-        v = probe.graph.initializers.pop(t.bias)
-        v.const_value = None
-        probe.graph.inputs.append(v)
     initial = [_bias_array(model, t.bias) for t in active]
-    bias = [b.copy() for b in initial]
-    sequential = cfg.mode is BiasCorrection.ALL
-    passes = (len(active) - 1 if sequential else 0) + 2
-    tick = _ticker(progress, passes * total_batches)
+    segments = None
+    if mode is BiasCorrection.ALL:
+        segments = _segments.plan_segments(model.graph, [_reader(model.graph, t.bias) for t in active])
+        if isinstance(segments, str):
+            logger.info("bias correction: one prefix pass per layer (%s)", segments)
+    steps = 2 * total_batches
+    if isinstance(segments, list):
+        steps += len(active)
+    elif isinstance(segments, str):
+        steps += (len(active) - 1) * total_batches
+    tick = _ticker(progress, steps)
 
-    with probe_session(probe) as sess:
-        provider = sess.get_providers()[0]
+    def feeds() -> Iterator[dict[str, np.ndarray]]:
+        return first_samples(batches(), cfg.samples)
 
-        def measure(which: list[int]) -> tuple[list[np.ndarray], int]:
-            feeds = (
-                {**f, **{t.bias: b for t, b in zip(active, bias, strict=True)}}
-                for f in first_samples(batches(), cfg.samples)
-            )
-            means, n = _measure(sess, [names[i] for i in which], feeds, [active[i] for i in which], tick)
-            return [ref[i] - m for i, m in zip(which, means, strict=True)], n
-
-        before, _ = measure(list(range(len(active))))
-        for k, t in enumerate(active):
-            if sequential and k > 0:
-                err = measure([k])[0][0]
-            else:
-                err = before[k]
-            bias[k] = (bias[k] + err * t.gain).astype(np.float32)
-            logger.debug("bias of %r corrected: mean |error| %.4g", t.node, float(np.mean(np.abs(err))))
-        after, count = measure(list(range(len(active))))
+    before_means, count, provider = _means(model, active, feeds(), tick)
+    before = [r - m for r, m in zip(ref, before_means, strict=True)]
+    if segments is None:  # OUTPUT: the layers do not feed one another
+        bias = [(b + e * t.gain).astype(np.float32) for b, e, t in zip(initial, before, active, strict=True)]
+    elif isinstance(segments, list):
+        bias = _sequential_segments(model, active, ref, initial, segments, list(feeds()), tick)
+    else:
+        bias = _sequential_prefixes(model, active, ref, initial, before[0], feeds, tick)
     for t, b in zip(active, bias, strict=True):
         model.graph.initializers[t.bias].const_value = ir.tensor(b, name=t.bias)
+    after_means, _, _ = _means(model, active, feeds(), tick)
+    after = [r - m for r, m in zip(ref, after_means, strict=True)]
     layers = tuple(
         BiasLayer(
             t.node,
@@ -428,10 +423,82 @@ def correct_biases(
         for t, e0, e1, b0, b1 in zip(active, before, after, initial, bias, strict=True)
     )
     seconds = time.perf_counter() - start
-    logger.info(
-        "bias correction (%s): %d layers, %d passes, %.1f s", cfg.mode.value, len(layers), passes, seconds
-    )
-    return BiasReport(cfg.mode.value, passes, count, provider, seconds, layers, plan.skipped)
+    how = "output layers" if segments is None else "segments" if isinstance(segments, list) else "prefixes"
+    logger.info("bias correction (%s, %s): %d layers, %.1f s", mode.value, how, len(layers), seconds)
+    return BiasReport(mode.value, how, count, provider, seconds, layers, plan.skipped)
+
+
+def _means(
+    model: ir.Model,
+    targets: Sequence[BiasTarget],
+    feeds: Iterable[dict[str, np.ndarray]],
+    tick: Callable[[], None],
+) -> tuple[list[np.ndarray], int, str]:
+    """Each target's per-channel output mean in ``model``, the sample count and the provider."""
+    probe = model.clone()
+    names = _add_means(probe, targets)
+    with probe_session(probe) as sess:
+        means, count = _measure(sess, names, feeds, targets, tick)
+        return means, count, sess.get_providers()[0]
+
+
+def _sequential_segments(
+    model: ir.Model,
+    active: Sequence[BiasTarget],
+    ref: Sequence[np.ndarray],
+    initial: Sequence[np.ndarray],
+    segments: list[_segments.Segment],
+    feeds: list[dict[str, np.ndarray]],
+    tick: Callable[[], None],
+) -> list[np.ndarray]:
+    """Each layer's correction from its output with every earlier layer corrected; the corrected
+    output (the bias enters it additively) is what later segments read."""
+    bias = list(initial)
+    weights = np.array([batch_samples(f) for f in feeds], np.float64)
+
+    def on_cut(k: int, outs: list[np.ndarray]) -> list[np.ndarray]:
+        t = active[k]
+        axes = tuple(a for a in range(t.rank) if a != t.channel_axis)
+        per_batch = [np.mean(o, axis=axes, dtype=np.float64) for o in outs]
+        mean = np.average(np.stack(per_batch), axis=0, weights=weights)
+        err = ref[k] - mean
+        bias[k] = (bias[k] + err * t.gain).astype(np.float32)
+        shape = [1] * t.rank
+        shape[t.channel_axis] = t.channels
+        shift = err.astype(np.float32).reshape(shape)
+        return [o + shift for o in outs]
+
+    _segments.run_segments(model, segments, feeds, on_cut, tick)
+    return bias
+
+
+def _sequential_prefixes(
+    model: ir.Model,
+    active: Sequence[BiasTarget],
+    ref: Sequence[np.ndarray],
+    initial: Sequence[np.ndarray],
+    first_error: np.ndarray,
+    feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+    tick: Callable[[], None],
+) -> list[np.ndarray]:
+    """Each layer's correction from a pass over the part of the model its output depends on,
+    with the biases as inputs of one session (graphs the segments cannot cut)."""
+    probe = model.clone()
+    names = _add_means(probe, active)
+    for t in active:
+        v = probe.graph.initializers.pop(t.bias)
+        v.const_value = None
+        probe.graph.inputs.append(v)
+    bias = list(initial)
+    with probe_session(probe) as sess:
+        for k, t in enumerate(active):
+            if k == 0:
+                err = first_error
+            else:
+                with_bias = ({**f, **{a.bias: b for a, b in zip(active, bias, strict=True)}} for f in feeds())
+                err = ref[k] - _measure(sess, [names[k]], with_bias, [t], tick)[0][0]
+            bias[k] = (bias[k] + err * t.gain).astype(np.float32)
+    return bias
 
 
 def _bias_array(model: ir.Model, name: str) -> np.ndarray:

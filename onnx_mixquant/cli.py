@@ -220,11 +220,16 @@ def _ask_dim(input_name: str, dim: str) -> int:
 @click.option(
     "--bias-correction",
     type=click.Choice([m.value for m in BiasCorrection]),
-    default=BiasConfig().mode.value,
-    show_default=True,
     help="Empirical bias correction (needs --calib): add to each layer's bias the shift quantization "
-    "made in its per-channel output mean on the calibration data, layer by layer ('all', one pass over "
-    "the calibration data per layer) or for the last layers only ('output').",
+    "made in its per-channel output mean on calibration samples, layer by layer ('all') or for the "
+    "last layers only ('output').  [default: all with --calib, else off]",
+)
+@click.option(
+    "--bias-samples",
+    type=click.IntRange(min=1),
+    default=BiasConfig().samples,
+    show_default=True,
+    help="Calibration samples the bias correction measures on.",
 )
 @click.option(
     "--calib",

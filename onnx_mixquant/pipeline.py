@@ -101,7 +101,7 @@ def quantize(
     Raises:
         MixQuantError: bad model, data or options (the message names the file/tensor/option).
     """
-    cfg = resolve_config(config or QuantConfig())
+    cfg = resolve_config(config or QuantConfig(), has_calib=calib is not None)
     timings: dict[str, float] = {}
     src = Path(input_path)
     export.check_destination(Path(output_path), src)
@@ -182,11 +182,15 @@ def quantize(
     )
 
 
-def resolve_config(cfg: QuantConfig) -> QuantConfig:
-    """Fill in the settings whose default depends on others (weight symmetry: see QuantizerConfig)."""
+def resolve_config(cfg: QuantConfig, *, has_calib: bool = False) -> QuantConfig:
+    """Fill in the settings whose default depends on others: the weight symmetry (see
+    QuantizerConfig) and the bias correction (on when there are calibration data, see BiasConfig)."""
     if cfg.quantizer.symmetry is None:
         sym = Symmetry.SYMMETRIC_INT8 if cfg.activations.enabled else Symmetry.ASYMMETRIC
         cfg = replace(cfg, quantizer=replace(cfg.quantizer, symmetry=sym))
+    if cfg.bias.mode is None:
+        mode = BiasCorrection.ALL if has_calib else BiasCorrection.OFF
+        cfg = replace(cfg, bias=replace(cfg.bias, mode=mode))
     return cfg
 
 

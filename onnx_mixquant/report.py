@@ -289,7 +289,7 @@ def _bias_lines(b: BiasReport | None) -> list[str]:
         after = sum(x.error_after for x in b.layers) / len(b.layers)
         created = sum(x.created for x in b.layers)
         out = [
-            f"bias correction ({b.mode}, {b.passes} passes over {b.num_samples} "
+            f"bias correction ({b.mode}, by {b.method}, {b.num_samples} "
             f"samples, {b.provider}, {b.seconds:.1f} s): {len(b.layers)} layers"
             + (f" ({created} had no bias: a zero one was added)" if created else "")
             + f"; mean |FP - quantized output mean| per channel {before:.3g} -> {after:.3g}"

@@ -24,6 +24,7 @@ from onnx_mixquant import (
     SearchConfig,
     SearchRule,
     ValidateConfig,
+    _segments,
     quantize,
 )
 from onnx_mixquant.biascorrect import plan_correction
@@ -154,7 +155,7 @@ def test_all_gives_every_layer_its_fp_output_mean(cnn_runs: dict) -> None:
         assert _err(corrected, fp, name) < 1e-5 * max(scale, 1.0)
         assert _err(corrected, fp, name) < _err(off, fp, name) / 100
     report = cnn_runs["report_all"].bias_correction
-    assert report.mode == "all" and report.num_samples == 64
+    assert report.mode == "all" and report.method == "segments" and report.num_samples == 64
     assert [(x.node, x.created) for x in report.layers] == [("conv1", False), ("conv2", True), ("fc", False)]
     for layer in report.layers:  # the report's own numbers agree with the independent check
         assert layer.error_after < layer.error_before / 100
@@ -166,7 +167,7 @@ def test_output_mode_corrects_the_last_layer_only(cnn_runs: dict) -> None:
     np.testing.assert_array_equal(out["c2"], off["c2"])
     assert _err(out, fp, "y") < _err(off, fp, "y") / 100
     report = cnn_runs["report_output"].bias_correction
-    assert [x.node for x in report.layers] == ["fc"] and report.passes == 2
+    assert [x.node for x in report.layers] == ["fc"] and report.method == "output layers"
 
 
 def test_only_biases_change(cnn_runs: dict) -> None:
@@ -271,3 +272,114 @@ def test_cli_reports_the_correction_and_is_deterministic(tmp_path: Path) -> None
     assert all(x["error_after"] < x["error_before"] for x in data["layers"])
     res = runner.invoke(main, [str(DEMO_MODEL), str(tmp_path / "z.onnx"), "--bias-correction", "all"])
     assert res.exit_code == 2 and "--bias-correction needs calibration data" in res.output
+
+
+def test_prefix_passes_give_the_same_biases_as_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graphs the segments cannot cut (subgraphs) take one prefix pass per layer: same result."""
+    src = tmp_path / "cnn.onnx"
+    onnx.save(make_cnn(), str(src))
+    calib = _calib()
+    quantize(src, tmp_path / "seg.onnx", _cfg(BiasCorrection.ALL), calib=calib)
+    monkeypatch.setattr(_segments, "plan_segments", lambda graph, cuts: "forced for the test")
+    report = quantize(src, tmp_path / "pre.onnx", _cfg(BiasCorrection.ALL), calib=calib)
+    assert report.bias_correction is not None and report.bias_correction.method == "prefixes"
+    seg, pre = (
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer}
+        for k in ("seg", "pre")
+    )
+    for name in ("B1", "W2_bias", "C3"):
+        np.testing.assert_allclose(pre[name], seg[name], rtol=1e-4, atol=1e-6)
+
+
+def _skip_model(shift: float | None = None) -> ir.Model:
+    """x -> Conv -> (+ shift) -> Relu = r -> Conv = c2 -> Add(r, c2) -> Conv -> y."""
+    rng = np.random.default_rng(0)
+    shapes = {"W1": (4, 4, 3, 3), "W2": (4, 4, 3, 3), "W3": (4, 4, 1, 1)}
+    inits = [_init(k, rng.normal(size=v)) for k, v in shapes.items()]
+    relu_in = "c1"
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1])]
+    if shift is not None:
+        inits.append(_init("shift", np.array(shift)))
+        nodes.append(helper.make_node("Add", ["c1", "shift"], ["c1s"]))
+        relu_in = "c1s"
+    nodes += [
+        helper.make_node("Relu", [relu_in], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["r", "c2"], ["s"]),
+        helper.make_node("Conv", ["s", "W3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "skip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return ir.from_proto(model)
+
+
+def test_segments_keep_skip_connections_alive() -> None:
+    model = _skip_model()
+    nodes = list(model.graph)
+    segments = _segments.plan_segments(model.graph, [nodes[0], nodes[2], nodes[4]])
+    assert isinstance(segments, list)
+    assert [(s.inputs, s.outputs) for s in segments] == [
+        (("x",), ("c1",)),
+        (("c1",), ("r", "c2")),
+        (("r", "c2"), ("y",)),
+    ]
+    assert [s.dead for s in segments] == [("x",), ("c1",), ("c2", "r", "y")]
+    x = np.random.default_rng(1).normal(size=(2, 4, 6, 6)).astype(np.float32)
+    seen: list[np.ndarray] = []
+
+    def on_cut(k: int, outs: list[np.ndarray]) -> list[np.ndarray]:
+        seen.append(np.concatenate(outs))
+        return [o + 1.0 for o in outs] if k == 0 else outs
+
+    _segments.run_segments(model, segments, [{"x": x[:1]}, {"x": x[1:]}], on_cut, lambda: None)
+    # later segments read the changed first output: the same as a model that adds 1 to c1
+    c2, y = _run_all(_skip_model(shift=1.0), {"x": x}, ["c2", "y"])
+    np.testing.assert_allclose(seen[1], c2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(seen[2], y, rtol=1e-5, atol=1e-5)
+
+
+def _run_all(model: ir.Model, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for name in names:
+        if values[name] not in model.graph.outputs:
+            model.graph.outputs.append(values[name])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    return [np.asarray(a) for a in sess.run(names, feed)]
+
+
+def test_default_is_all_with_calibration_data_else_off(tmp_path: Path) -> None:
+    src = tmp_path / "cnn.onnx"
+    onnx.save(make_cnn(), str(src))
+    auto = QuantConfig(validate=ValidateConfig(enabled=False))
+    with_calib = quantize(src, tmp_path / "a.onnx", auto, calib=_calib())
+    assert with_calib.settings["bias"]["mode"] == "all"
+    assert with_calib.bias_correction is not None and len(with_calib.bias_correction.layers) == 3
+    without = quantize(src, tmp_path / "b.onnx", auto)
+    assert without.settings["bias"]["mode"] == "off" and without.bias_correction is None
+
+
+def test_samples_are_whole_batches(tmp_path: Path) -> None:
+    """--bias-samples 20 with batches of 16: the first two batches (a model may fix its batch)."""
+    src = tmp_path / "cnn.onnx"
+    onnx.save(make_cnn(), str(src))
+    cfg = _cfg(BiasCorrection.ALL)
+    cfg = QuantConfig(
+        search=cfg.search, bias=BiasConfig(mode=BiasCorrection.ALL, samples=20), validate=cfg.validate
+    )
+    report = quantize(src, tmp_path / "q.onnx", cfg, calib=_calib())
+    assert report.bias_correction is not None and report.bias_correction.num_samples == 32
+    with pytest.raises(ConfigError, match="bias correction samples"):
+        BiasConfig(samples=0)

@@ -57,6 +57,8 @@ from PIL import Image
 
 from onnx_mixquant import (
     ActivationConfig,
+    BiasConfig,
+    BiasCorrection,
     CalibMethod,
     ImageSpec,
     QuantConfig,
@@ -312,6 +314,9 @@ def tool_config(
         ),
         search=search,
         activations=ActivationConfig(enabled=True, method=TOOL_METHODS[method], calib_size=calib_size),
+        # off: this section compares calibration with onnxruntime's quantize_static, which has no
+        # bias correction; the recon section measures the correction (BiasConfig's default).
+        bias=BiasConfig(mode=BiasCorrection.OFF),
         validate=ValidateConfig(enabled=False),
     )
 
