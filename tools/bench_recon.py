@@ -612,7 +612,13 @@ def model_block(
         lines += [group_summary(model, b, a, g) for (b, a), g in groups.items()]
         lines += [""]
     across = seed_summaries(model, rows)
-    return [*lines, "Across calibration seeds:", "", *across, ""] if across else lines
+    lines = [*lines, "Across calibration seeds:", "", *across, ""] if across else lines
+    bias = bias_summaries(model, rows)
+    return (
+        [*lines, "Bias correction (same method, setting and seed, with minus without):", "", *bias, ""]
+        if bias
+        else lines
+    )
 
 
 #: The comparisons of a group: (better, baseline, what).
@@ -647,6 +653,29 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def bias_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Per (preset, seed, bits, acts): each method's rows with a bias correction against the row without."""
+    by_key: dict[tuple[str, int, int, str], dict[str, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        s = r["settings"]
+        key = (preset_label(s), seed_of(s), r["bits"], r["acts"])
+        mode = s.get("bias_correction") or "off"
+        by_key.setdefault(key, {}).setdefault(r["method"], {})[mode] = r
+    lines = []
+    for (preset, seed, bits, acts), methods in by_key.items():
+        parts = [
+            _vs(modes[mode], modes["off"], f"{method}, {mode}")
+            for method, modes in methods.items()
+            if "off" in modes
+            for mode in modes
+            if mode != "off"
+        ]
+        if parts:
+            head = f"{model} {group_label(bits, acts)}, {preset}{seed_suffix({'seed': seed})}"
+            lines.append(f"- **{head}**: " + "; ".join(parts) + ".")
+    return lines
+
+
 NOTES = (
     "Methods, all at the same average weight bits B: *uniform* = every weight at B bits; *mixquant* = "
     "MixQuant budget rule at B parameter-weighted average bits (widths 2..8, each priced at its "
@@ -670,7 +699,10 @@ NOTES = (
     "(nats) from the FP32 model's softmax to the quantized one's (fidelity: lower KL = closer to FP32). "
     "Summary differences are paired over the same eval images: *± SD* is the standard deviation of a "
     "top-1 difference from the images exactly one of the two models gets right (McNemar); a difference "
-    "within 2 SD is not significant."
+    "within 2 SD is not significant. *bias correction*: settings labelled 'bias correction all' (or "
+    "'output') ran the empirical bias correction (`--bias-correction`, on the first 64 calibration "
+    "images) after the rounding and the activation calibration; settings without the label ran none "
+    "(`--bias-correction off`; rows stored before it existed)."
 )
 
 
