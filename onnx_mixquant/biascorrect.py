@@ -406,9 +406,12 @@ def correct_biases(
         bias = _sequential_segments(model, active, ref, initial, segments, list(feeds()), tick)
     else:
         bias = _sequential_prefixes(model, active, ref, initial, before[0], feeds, tick)
-    for t, b in zip(active, bias, strict=True):
-        model.graph.initializers[t.bias].const_value = ir.tensor(b, name=t.bias)
-    after_means, _, _ = _means(model, active, feeds(), tick)
+    _write(model, active, bias)
+    try:
+        after_means, _, _ = _means(model, active, feeds(), tick)
+    except Exception:
+        _write(model, active, initial)  # leave the model as it came
+        raise
     after = [r - m for r, m in zip(ref, after_means, strict=True)]
     layers = tuple(
         BiasLayer(
@@ -499,6 +502,11 @@ def _sequential_prefixes(
                 err = ref[k] - _measure(sess, [names[k]], with_bias, [t], tick)[0][0]
             bias[k] = (bias[k] + err * t.gain).astype(np.float32)
     return bias
+
+
+def _write(model: ir.Model, targets: Sequence[BiasTarget], biases: Sequence[np.ndarray]) -> None:
+    for t, b in zip(targets, biases, strict=True):
+        model.graph.initializers[t.bias].const_value = ir.tensor(b, name=t.bias)
 
 
 def _bias_array(model: ir.Model, name: str) -> np.ndarray:

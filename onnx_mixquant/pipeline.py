@@ -32,7 +32,7 @@ from onnx_mixquant._assemble import gate_failures, settings_dict, warnings_for, 
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.config import BiasCorrection, ImageSpec, QuantConfig, RoundingMethod, Symmetry
-from onnx_mixquant.errors import ConfigError, UnsupportedModelError
+from onnx_mixquant.errors import ConfigError, MixQuantError, UnsupportedModelError
 from onnx_mixquant.numerics import QParams
 from onnx_mixquant.report import (
     ActivationReport,
@@ -102,6 +102,9 @@ def quantize(
         MixQuantError: bad model, data or options (the message names the file/tensor/option).
     """
     cfg = resolve_config(config or QuantConfig(), has_calib=calib is not None)
+    # a bias correction the user did not ask for must not fail the run: it is skipped, with a warning
+    bias_auto = (config or QuantConfig()).bias.mode is None
+    notes: list[str] = []
     timings: dict[str, float] = {}
     src = Path(input_path)
     export.check_destination(Path(output_path), src)
@@ -119,7 +122,7 @@ def quantize(
     recon, learned = None, None
     if cfg.recon.method is RoundingMethod.BRECQ:
         quantized, recon, learned = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
-    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress)
+    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, notes if bias_auto else None)
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
     acts = bias = None
@@ -127,7 +130,7 @@ def quantize(
         if calib_data is not None and cfg.activations.enabled:
             acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
         if bias_ref is not None and calib_data is not None:
-            with _timed(timings, "bias_correction"):
+            with _timed(timings, "bias_correction"), _bias_failures(notes if bias_auto else None):
                 bias = biascorrect.correct_biases(
                     model,
                     *bias_ref,
@@ -175,7 +178,7 @@ def quantize(
         output_written=not failures,
         settings=settings_dict(cfg, samples_path),
         timings_s=timings,
-        warnings=warnings_for(read, plan, exported, acts),
+        warnings=(*warnings_for(read, plan, exported, acts), *notes),
         activations=acts,
         reconstruction=recon,
         bias_correction=bias,
@@ -273,17 +276,32 @@ def _reconstruct(
     return dict(result.weights), report, result.act_params
 
 
+@contextmanager
+def _bias_failures(notes: list[str] | None) -> Iterator[None]:
+    """Turn a failure of the bias correction into a note (``notes`` given: the correction is the
+    default, not asked for) instead of an error."""
+    try:
+        yield
+    except (MixQuantError, ValueError) as e:
+        if notes is None:
+            raise
+        logger.warning("bias correction skipped: %s", e)
+        notes.append(f"bias correction (default with calibration data) skipped: {e}")
+
+
 def _bias_reference(
     read: graph.ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
     timings: dict[str, float],
     progress: Progress | None,
+    notes: list[str] | None,
 ) -> tuple[biascorrect.BiasPlan, list[np.ndarray]] | None:
-    """The biases to correct and the FP model's output means (before export rewrites the model)."""
+    """The biases to correct and the FP model's output means (before export rewrites the model);
+    None when there is nothing to do or (``notes`` given) when it failed."""
     if cfg.bias.mode is BiasCorrection.OFF or calib is None:
         return None
-    with _timed(timings, "bias_reference"):
+    with _timed(timings, "bias_reference"), _bias_failures(notes):
         plan = biascorrect.plan_correction(read.model, read.sites)
         means = biascorrect.reference_means(
             read.model,
@@ -292,7 +310,8 @@ def _bias_reference(
             _stage_progress(progress, "bias reference"),
             _bias_batches(calib, cfg),
         )
-    return plan, means
+        return plan, means
+    return None
 
 
 def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig) -> int:

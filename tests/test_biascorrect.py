@@ -4,6 +4,7 @@ measured independently in onnxruntime."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from onnx_mixquant import (
     ActivationConfig,
     BiasConfig,
     BiasCorrection,
+    CalibrationError,
     ConfigError,
     QuantConfig,
     SearchConfig,
@@ -383,3 +385,33 @@ def test_samples_are_whole_batches(tmp_path: Path) -> None:
     assert report.bias_correction is not None and report.bias_correction.num_samples == 32
     with pytest.raises(ConfigError, match="bias correction samples"):
         BiasConfig(samples=0)
+
+
+def test_a_failing_default_correction_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "cnn.onnx"
+    onnx.save(make_cnn(), str(src))
+    calib = _calib()
+    quantize(src, tmp_path / "off.onnx", _cfg(BiasCorrection.OFF), calib=calib)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise CalibrationError("segment 1 cannot run")
+
+    monkeypatch.setattr(_segments, "run_segments", broken)
+    auto = replace(_cfg(BiasCorrection.OFF), bias=BiasConfig())
+    report = quantize(src, tmp_path / "auto.onnx", auto, calib=calib)
+    assert report.output_written and report.bias_correction is None
+    assert any(
+        "bias correction (default with calibration data) skipped: segment 1" in w for w in report.warnings
+    )
+    # the model is the uncorrected one, not a half-corrected one (conv2 keeps the zero bias it got)
+    off, auto_inits = (
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer}
+        for k in ("off", "auto")
+    )
+    assert set(auto_inits) == {*off, "W2_bias"} and not auto_inits["W2_bias"].any()
+    assert all(np.array_equal(off[n], auto_inits[n]) for n in off)
+    with pytest.raises(CalibrationError, match="segment 1 cannot run"):
+        quantize(src, tmp_path / "all.onnx", _cfg(BiasCorrection.ALL), calib=calib)
+    assert not (tmp_path / "all.onnx").exists()
