@@ -270,7 +270,7 @@ def _add_means(model: ir.Model, targets: Sequence[BiasTarget]) -> list[str]:
             node = ir.node("ReduceMean", [src], {"axes": axes, "keepdims": 0}, name=name)
         out = node.outputs[0]
         out.name, out.type, out.shape = name, ir.TensorType(ir.DataType.FLOAT), ir.Shape([t.channels])
-        graph.append(node)
+        graph.insert_after(_reader(graph, t.bias), node)
         graph.outputs.append(out)
         names.append(name)
     return names
@@ -440,7 +440,7 @@ def _means(
     """Each target's per-channel output mean in ``model``, the sample count and the provider."""
     probe = model.clone()
     names = _add_means(probe, targets)
-    with probe_session(probe) as sess:
+    with probe_session(probe, early_free=True) as sess:
         means, count = _measure(sess, names, feeds, targets, tick)
         return means, count, sess.get_providers()[0]
 
@@ -493,7 +493,7 @@ def _sequential_prefixes(
         v.const_value = None
         probe.graph.inputs.append(v)
     bias = list(initial)
-    with probe_session(probe) as sess:
+    with probe_session(probe, early_free=True) as sess:
         for k, t in enumerate(active):
             if k == 0:
                 err = first_error

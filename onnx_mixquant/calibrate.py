@@ -169,9 +169,11 @@ def _tensor_bytes(model: ir.Model) -> int:
     return total
 
 
-def _new_session(source: bytes | str) -> ort.InferenceSession:
+def _new_session(source: bytes | str, early_free: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVEL
+    if early_free:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
     try:
         return ort.InferenceSession(source, sess_options=so, providers=list(available_providers(True)))
@@ -182,18 +184,23 @@ def _new_session(source: bytes | str) -> ort.InferenceSession:
 
 
 @contextlib.contextmanager
-def probe_session(probe: ir.Model) -> Iterator[ort.InferenceSession]:
+def probe_session(probe: ir.Model, *, early_free: bool = False) -> Iterator[ort.InferenceSession]:
     """One session on ``probe``: from bytes, or from a temporary folder with external data when
-    the tensors are too large for one protobuf message (the folder is deleted on exit)."""
+    the tensors are too large for one protobuf message (the folder is deleted on exit).
+
+    ``early_free``: onnxruntime's priority-based node order, for probes whose extra outputs are
+    small reductions of big tensors; its default order ran those reductions last and kept every
+    big tensor alive until then (EfficientNet-Lite0 with a mean per Conv, batch 16: 1.1 GB peak
+    against 0.59 GB; the plain model 0.38 GB)."""
     if _tensor_bytes(probe) <= _EXTERNAL_THRESHOLD:
-        yield _new_session(ir.to_proto(probe).SerializeToString())
+        yield _new_session(ir.to_proto(probe).SerializeToString(), early_free)
         return
     tmpdir = Path(tempfile.mkdtemp(prefix="onnx_mixquant_calib."))
     try:
         path = tmpdir / "probe.onnx"
         ir.save(probe, path, external_data="probe.onnx.data", size_threshold_bytes=1024)
         logger.debug("calibration model saved with external data to %s", tmpdir)
-        yield _new_session(str(path))
+        yield _new_session(str(path), early_free)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
