@@ -265,7 +265,7 @@ def _ask_dim(input_name: str, dim: str) -> int:
 @click.option(
     "--weight-only",
     is_flag=True,
-    help="Keep activations float even with --calib (calibration data only validate).",
+    help="Keep activations float even with --calib (calibration data then serve the bias correction and validation).",
 )
 @click.option(
     "--quantize-outputs", is_flag=True, help="Also quantize graph outputs (default: they stay float)."
