@@ -272,6 +272,9 @@ def test_cli_reports_the_correction_and_is_deterministic(tmp_path: Path) -> None
     data = json.loads(rep.read_text())["bias_correction"]
     assert data["mode"] == "all" and len(data["layers"]) >= 4
     assert all(x["error_after"] < x["error_before"] for x in data["layers"])
+    res = runner.invoke(main, [*args[:1], str(tmp_path / "s.onnx"), *args[2:], "--bias-samples", "16", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "bias correction (all, by segments, 16 samples" in res.output
     res = runner.invoke(main, [str(DEMO_MODEL), str(tmp_path / "z.onnx"), "--bias-correction", "all"])
     assert res.exit_code == 2 and "--bias-correction needs calibration data" in res.output
 
