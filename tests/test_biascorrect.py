@@ -105,6 +105,17 @@ def _calib(n: int = 64, seed: int = 5) -> list[dict[str, np.ndarray]]:
     return [{"x": x[i : i + 16]} for i in range(0, n, 16)]
 
 
+def _cnn_file(folder: Path, opset: int = 13) -> Path:
+    path = folder / "cnn.onnx"
+    onnx.save(make_cnn(opset=opset), str(path))
+    return path
+
+
+def _inits(path: Path) -> dict[str, np.ndarray]:
+    """The initializers of a saved model, by name."""
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
 def _channel_means(path: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-channel means of LAYERS over ``calib``, from a copy of the model with them as outputs
     (onnxruntime, no graph optimisation)."""
@@ -134,8 +145,7 @@ def _cfg(mode: BiasCorrection, acts: bool = False) -> QuantConfig:
 def cnn_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The CNN quantized at 3 bits with each bias-correction mode, and every output's means."""
     tmp = tmp_path_factory.mktemp("bias")
-    src = tmp / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp)
     calib = _calib()
     out: dict[str, object] = {"fp": _channel_means(src, calib), "dir": tmp}
     for mode in BiasCorrection:
@@ -174,10 +184,8 @@ def test_output_mode_corrects_the_last_layer_only(cnn_runs: dict) -> None:
 
 def test_only_biases_change(cnn_runs: dict) -> None:
     """Same integer weights and scales; conv2 gained a bias input; Gemm's beta = 0.5 is honoured."""
-    off = onnx.load(str(cnn_runs["dir"] / "off.onnx"))
+    inits_off, inits_all = _inits(cnn_runs["dir"] / "off.onnx"), _inits(cnn_runs["dir"] / "all.onnx")
     corrected = onnx.load(str(cnn_runs["dir"] / "all.onnx"))
-    inits_off = {t.name: numpy_helper.to_array(t) for t in off.graph.initializer}
-    inits_all = {t.name: numpy_helper.to_array(t) for t in corrected.graph.initializer}
     changed = {n for n in inits_off if not np.array_equal(inits_off[n], inits_all[n])}
     assert changed == {"B1", "C3"}
     assert set(inits_all) - set(inits_off) == {"W2_bias"}
@@ -230,8 +238,7 @@ def _run(model: ir.Model, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_with_8bit_activations_the_gemm_bias_is_still_int32(tmp_path: Path) -> None:
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(opset=17), str(src))
+    src = _cnn_file(tmp_path, opset=17)
     calib = _calib()
     fp = _channel_means(src, calib)
     errs = {}
@@ -251,8 +258,7 @@ def test_with_8bit_activations_the_gemm_bias_is_still_int32(tmp_path: Path) -> N
 
 
 def test_needs_calibration_data(tmp_path: Path) -> None:
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp_path)
     with pytest.raises(ConfigError, match="--bias-correction needs calibration data"):
         quantize(src, tmp_path / "q.onnx", _cfg(BiasCorrection.ALL))
     assert not (tmp_path / "q.onnx").exists()
@@ -283,17 +289,13 @@ def test_prefix_passes_give_the_same_biases_as_segments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Graphs the segments cannot cut (subgraphs) take one prefix pass per layer: same result."""
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp_path)
     calib = _calib()
     quantize(src, tmp_path / "seg.onnx", _cfg(BiasCorrection.ALL), calib=calib)
     monkeypatch.setattr(_segments, "plan_segments", lambda graph, cuts: "forced for the test")
     report = quantize(src, tmp_path / "pre.onnx", _cfg(BiasCorrection.ALL), calib=calib)
     assert report.bias_correction is not None and report.bias_correction.method == "prefixes"
-    seg, pre = (
-        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer}
-        for k in ("seg", "pre")
-    )
+    seg, pre = _inits(tmp_path / "seg.onnx"), _inits(tmp_path / "pre.onnx")
     for name in ("B1", "W2_bias", "C3"):
         np.testing.assert_allclose(pre[name], seg[name], rtol=1e-4, atol=1e-6)
 
@@ -366,8 +368,7 @@ def _run_all(model: ir.Model, feed: dict[str, np.ndarray], names: list[str]) -> 
 
 
 def test_default_is_all_with_calibration_data_else_off(tmp_path: Path) -> None:
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp_path)
     auto = QuantConfig(validate=ValidateConfig(enabled=False))
     with_calib = quantize(src, tmp_path / "a.onnx", auto, calib=_calib())
     assert with_calib.settings["bias"]["mode"] == "all"
@@ -378,8 +379,7 @@ def test_default_is_all_with_calibration_data_else_off(tmp_path: Path) -> None:
 
 def test_samples_are_whole_batches(tmp_path: Path) -> None:
     """--bias-samples 20 with batches of 16: the first two batches (a model may fix its batch)."""
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp_path)
     cfg = _cfg(BiasCorrection.ALL)
     cfg = QuantConfig(
         search=cfg.search, bias=BiasConfig(mode=BiasCorrection.ALL, samples=20), validate=cfg.validate
@@ -393,8 +393,7 @@ def test_samples_are_whole_batches(tmp_path: Path) -> None:
 def test_a_failing_default_correction_is_skipped_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "cnn.onnx"
-    onnx.save(make_cnn(), str(src))
+    src = _cnn_file(tmp_path)
     calib = _calib()
     quantize(src, tmp_path / "off.onnx", _cfg(BiasCorrection.OFF), calib=calib)
 
@@ -409,10 +408,7 @@ def test_a_failing_default_correction_is_skipped_with_a_warning(
         "bias correction (default with calibration data) skipped: segment 1" in w for w in report.warnings
     )
     # the model is the uncorrected one, not a half-corrected one (conv2 keeps the zero bias it got)
-    off, auto_inits = (
-        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{k}.onnx")).graph.initializer}
-        for k in ("off", "auto")
-    )
+    off, auto_inits = _inits(tmp_path / "off.onnx"), _inits(tmp_path / "auto.onnx")
     assert set(auto_inits) == {*off, "W2_bias"} and not auto_inits["W2_bias"].any()
     assert all(np.array_equal(off[n], auto_inits[n]) for n in off)
     with pytest.raises(CalibrationError, match="segment 1 cannot run"):
