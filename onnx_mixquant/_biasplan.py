@@ -33,6 +33,11 @@ class BiasTarget:
     created: bool
     output_layer: bool
 
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        """The output axes a per-channel mean averages over (all but the channel axis)."""
+        return tuple(a for a in range(self.rank) if a != self.channel_axis)
+
 
 @dataclass(frozen=True)
 class BiasPlan:

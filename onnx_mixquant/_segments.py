@@ -13,7 +13,6 @@ corrected: measuring with a prefix of the model per layer costs half a forward p
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ from onnx_mixquant.calibrate import probe_session
 from onnx_mixquant.errors import CalibrationError
 
 __all__ = ["Segment", "plan_segments", "run_segments"]
-
-logger = logging.getLogger(__name__)
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -87,12 +84,10 @@ def run_segments(
     feeds: Feeds,
     on_cut: Callable[[int, list[np.ndarray]], list[np.ndarray]],
     tick: Callable[[], None],
-) -> str:
+) -> None:
     """Run ``segments`` over ``feeds`` (all batches, kept in memory); after segment k,
-    ``on_cut(k, cut output per batch)`` returns the arrays later segments read instead.
-    Returns the onnxruntime provider that ran."""
+    ``on_cut(k, cut output per batch)`` returns the arrays later segments read instead."""
     store: dict[str, list[np.ndarray]] = {name: [f[name] for f in feeds] for name in feeds[0]}
-    provider = "-"
     for k, seg in enumerate(segments):
         graph = ir.convenience.extract(model.graph, list(seg.inputs), list(seg.outputs))
         for v in graph.inputs:  # onnxruntime needs input types; a value may lack one (no inference)
@@ -101,7 +96,6 @@ def run_segments(
         sub = ir.Model(graph, ir_version=model.ir_version)
         outs: list[list[np.ndarray]] = [[] for _ in seg.outputs]
         with probe_session(sub) as sess:
-            provider = sess.get_providers()[0]
             for b in range(len(feeds)):
                 try:
                     got = sess.run(list(seg.outputs), {name: store[name][b] for name in seg.inputs})
@@ -116,4 +110,3 @@ def run_segments(
         for name in seg.dead:
             store.pop(name, None)
         tick()
-    return provider

@@ -93,7 +93,7 @@ def _add_means(model: ir.Model, targets: Sequence[BiasTarget]) -> list[str]:
     names = []
     for i, t in enumerate(targets):
         src = reader_output(graph, t.bias)
-        axes = [a for a in range(t.rank) if a != t.channel_axis]
+        axes = list(t.reduce_axes)
         name = f"{_MEAN_PREFIX}_{i}"
         if opset >= 18:
             a = ir.tensor(np.array(axes, np.int64), name=f"{name}_axes")
@@ -297,8 +297,7 @@ def _sequential_segments(
 
     def on_cut(k: int, outs: list[np.ndarray]) -> list[np.ndarray]:
         t = active[k]
-        axes = tuple(a for a in range(t.rank) if a != t.channel_axis)
-        per_batch = [np.mean(o, axis=axes, dtype=np.float64) for o in outs]
+        per_batch = [np.mean(o, axis=t.reduce_axes, dtype=np.float64) for o in outs]
         mean = np.average(np.stack(per_batch), axis=0, weights=weights)
         err = ref[k] - mean
         bias[k] = (bias[k] + err * t.gain).astype(np.float32)

@@ -365,8 +365,8 @@ class BiasConfig:
     mode: BiasCorrection | None = None
     #: Calibration samples the means are measured on (the first ones; FP and quantized means are
     #: compared on the same samples, so few suffice: resnet20 and EfficientNet-Lite0 W4 gave the same
-    #: top-1 from 32 as from 256, BENCHMARKS.md). ``ALL`` costs about half a forward pass over them
-    #: per corrected layer.
+    #: top-1 from 32 as from 256, BENCHMARKS.md). ``ALL`` costs about three forward passes over
+    #: them and keeps the tensors alive at each layer for all of them in memory.
     samples: int = 64
 
     def __post_init__(self) -> None:
