@@ -359,7 +359,9 @@ class BiasConfig:
     """Empirical bias correction (needs calibration data): add to each layer's bias the shift
     quantization made in its per-channel output mean (see ``biascorrect.py``)."""
 
-    #: None: ``ALL`` when calibration data are given (they are needed), else ``OFF``. Measured
+    #: None: ``ALL`` when calibration data are given (they are needed), else ``OFF``. With BRECQ,
+    #: ``ALL`` also corrects each unit's layers as soon as its rounding is learned, before the next
+    #: unit trains (``reconstruct/_unitbias.py``). Measured
     #: (BENCHMARKS.md): resnet20 W4A8 MixQuant + nearest 0.7925 -> 0.8058 top-1 in 1-2 s,
     #: EfficientNet-Lite0 W4A8 0.834 -> 0.853 in about 15 s on 2 cores.
     mode: BiasCorrection | None = None

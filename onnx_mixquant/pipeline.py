@@ -1,7 +1,7 @@
 """The pipeline: the only module that knows the order of the stages.
 
-read graph -> roundoff-error table -> bit plan (MixQuant) -> rounding (nearest, or BRECQ)
-    -> [bias correction: FP output means] -> rewrite with Q/DQ -> [activation Q/DQ]
+read graph -> roundoff-error table -> bit plan (MixQuant) -> [bias correction: FP output means]
+    -> rounding (nearest, or BRECQ [correcting each unit's biases]) -> rewrite with Q/DQ -> [activation Q/DQ]
     -> [bias correction] -> [int32 Gemm biases] -> save (staged) -> validate in onnxruntime -> report
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from onnx_mixquant import (
     activations,
@@ -120,17 +121,23 @@ def quantize(
     samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
     weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
     recon, learned = None, None
+    bias_notes = notes if bias_auto else None
+    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, bias_notes)
+    unit_biases: Mapping[str, np.ndarray] = {}
     if cfg.recon.method is RoundingMethod.BRECQ:
-        quantized, recon, learned = _reconstruct(read, cfg, weights, quantized, calib_data, timings, progress)
-    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, notes if bias_auto else None)
+        quantized, recon, learned, unit_biases = _reconstruct(
+            read, cfg, weights, quantized, calib_data, timings, progress, bias_ref, bias_notes
+        )
     with _timed(timings, "export"):
         model, exported = export.insert_qdq(read.model, quantized, cfg.export)
+    for name, value in unit_biases.items():  # corrected unit by unit inside BRECQ
+        model.graph.initializers[name].const_value = ir.tensor(value, name=name)
     acts = bias = None
     try:
         if calib_data is not None and cfg.activations.enabled:
             acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
         if bias_ref is not None and calib_data is not None:
-            with _timed(timings, "bias_correction"), _bias_failures(notes if bias_auto else None):
+            with _timed(timings, "bias_correction"), _bias_failures(bias_notes):
                 bias = biascorrect.correct_biases(
                     model,
                     *bias_ref,
@@ -230,10 +237,17 @@ def _reconstruct(
     calib: data.CalibrationData | None,
     timings: dict[str, float],
     progress: Progress | None,
-) -> tuple[dict[str, rounding.QuantizedWeight], ReconReport, Mapping[str, QParams] | None]:
+    bias_ref: tuple[biascorrect.BiasPlan, list[np.ndarray]] | None,
+    notes: list[str] | None,
+) -> tuple[
+    dict[str, rounding.QuantizedWeight], ReconReport, Mapping[str, QParams] | None, Mapping[str, np.ndarray]
+]:
     """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data (and the
-    activation steps, when activations are quantized); returns the weights, the report and the
-    activation parameters with learned steps (None when that stage did not run)."""
+    activation steps, when activations are quantized); with ``BiasCorrection.ALL`` (``bias_ref``
+    planned) each unit's biases are corrected as soon as its rounding is fixed. Returns the weights,
+    the report, the activation parameters with learned steps (None when that stage did not run) and
+    the corrected biases by initializer name. ``notes`` given: the correction is the default, and a
+    failure of it stops it with a note instead of failing the run."""
     from onnx_mixquant.reconstruct.train import reconstruct  # onnx-ad is only needed here
 
     if calib is None:
@@ -250,6 +264,7 @@ def _reconstruct(
             n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in ranges.items()
         }
 
+    per_unit = bias_ref[0].targets if bias_ref is not None and cfg.bias.mode is BiasCorrection.ALL else ()
     with _timed(timings, "reconstruct"):
         result = reconstruct(
             read.model,
@@ -261,6 +276,13 @@ def _reconstruct(
             seed=cfg.seed,
             progress=progress,
             act_init=act_init if act.enabled else None,
+            bias_targets=per_unit,
+            bias_samples=cfg.bias.samples,
+            bias_strict=notes is None,
+        )
+    if result.bias_error is not None and notes is not None:
+        notes.append(
+            f"bias correction inside BRECQ (default with calibration data) stopped: {result.bias_error}"
         )
     report = ReconReport(
         act_units=result.act_units,
@@ -272,8 +294,9 @@ def _reconstruct(
         batch=cfg.recon.batch,
         granularity=cfg.recon.granularity.value,
         units=result.units,
+        bias=result.bias,
     )
-    return dict(result.weights), report, result.act_params
+    return dict(result.weights), report, result.act_params, result.biases
 
 
 @contextmanager

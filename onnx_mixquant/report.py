@@ -95,6 +95,9 @@ class ReconReport:
     fisher: bool = False
     #: The activation-step stage per unit (empty without activation quantization).
     act_units: tuple[ActUnitReport, ...] = ()
+    #: The bias correction done unit by unit, each unit's right after its rounding is fixed
+    #: (``BiasCorrection.ALL``); None when it did not run.
+    bias: BiasReport | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,15 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
             out.append(f"  {u.name[:60]:<60} nearest rounding: {u.reason}")
         if r.fisher and u.fisher not in ("", "used"):
             out.append(f"    no Fisher weighting: {u.fisher}")
+    if r.bias is not None and r.bias.layers:
+        b = r.bias
+        before = sum(x.error_before for x in b.layers) / len(b.layers)
+        after = sum(x.error_after for x in b.layers) / len(b.layers)
+        out.append(
+            f"bias correction inside BRECQ ({b.num_samples} samples, {b.seconds:.1f} s):"
+            f" {len(b.layers)} layers, each unit's right after its rounding was fixed; mean"
+            f" |FP - quantized output mean| per channel {before:.3g} -> {after:.3g}"
+        )
     if r.fisher:
         used = sum(u.fisher == "used" for u in r.units)
         out.append(f"Fisher-weighted errors in {used} of {len(r.units)} units")

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.activations import ActivationPlan
+from onnx_mixquant.biascorrect import BiasReport, BiasTarget
 from onnx_mixquant.config import ReconConfig, ReconGranularity
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import WeightSite
@@ -40,6 +41,7 @@ from onnx_mixquant.reconstruct._common import (
     set_weight,
     training_count,
 )
+from onnx_mixquant.reconstruct._unitbias import UnitBias
 from onnx_mixquant.reconstruct.actsteps import ActUnitReport, learn_activation_steps
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
 from onnx_mixquant.reconstruct.blocks import Unit, partition
@@ -84,6 +86,11 @@ class ReconResult:
     seconds: float
     act_params: Mapping[str, QParams] | None = None
     act_units: tuple[ActUnitReport, ...] = ()
+    #: With ``bias_targets``: every target's float bias after the per-unit correction (by
+    #: initializer name), what the correction did, and why it stopped early (None: it did not).
+    biases: Mapping[str, np.ndarray] = field(default_factory=dict)
+    bias: BiasReport | None = None
+    bias_error: str | None = None
 
 
 #: Plans and calibrates the activations of a model: (plan, parameters by calibrated tensor).
@@ -160,6 +167,9 @@ def reconstruct(
     seed: int = 0,
     progress: ReconProgress | None = None,
     act_init: ActivationInit | None = None,
+    bias_targets: Sequence[BiasTarget] = (),
+    bias_samples: int = 64,
+    bias_strict: bool = True,
 ) -> ReconResult:
     """Learn the rounding of every quantized weight, unit by unit (BRECQ).
 
@@ -176,6 +186,10 @@ def reconstruct(
         act_init: with activation quantization: plans and calibrates the activations of the
             weight-quantized model; their steps are then learned unit by unit (``cfg.act_iterations``
             > 0, :mod:`.actsteps`).
+        bias_targets: biases to correct unit by unit (:mod:`._unitbias`), each unit's right after
+            its rounding is fixed, on the first ``bias_samples`` samples; from
+            ``biascorrect.plan_correction`` on ``fp_model``. ``bias_strict``: a failed measurement
+            raises; otherwise the correction stops there and ``ReconResult.bias_error`` says why.
     """
     t_start = time.perf_counter()
     provider = available_providers(True)[0]
@@ -191,8 +205,13 @@ def reconstruct(
     reports = []
     act_params: dict[str, QParams] | None = None
     act_units: tuple[ActUnitReport, ...] = ()
+    bias_seconds, ub = 0.0, None
     try:
         run.inputs = cache_inputs(calib, cfg.samples, run.cache)
+        if bias_targets:
+            t_bias = time.perf_counter()
+            ub = UnitBias(fp_model, bias_targets, run.inputs, bias_samples, cfg.batch, strict=bias_strict)
+            bias_seconds += time.perf_counter() - t_bias
         for i, unit in enumerate(units):
             rep, learned = _reconstruct_unit(unit, run, nearest, weights, f"unit {i + 1}/{len(units)}")
             reports.append(rep)
@@ -200,6 +219,10 @@ def reconstruct(
             for name in unit.weights:
                 if name in result:
                     set_weight(run.work, name, dequantize(result[name].q, result[name].qparams))
+            if ub is not None:
+                t_bias = time.perf_counter()
+                ub.correct(run.work, unit)
+                bias_seconds += time.perf_counter() - t_bias
         if act_init is not None and cfg.act_iterations > 0:
             plan, params = act_init(run.work)
             act_params, act_units = learn_activation_steps(units, run, plan, params)
@@ -212,6 +235,9 @@ def reconstruct(
         seconds=time.perf_counter() - t_start,
         act_params=act_params,
         act_units=act_units,
+        biases={} if ub is None else ub.biases(run.work),
+        bias=None if ub is None else ub.report(provider, bias_seconds),
+        bias_error=None if ub is None else ub.error,
     )
 
 
