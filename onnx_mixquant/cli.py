@@ -214,8 +214,10 @@ def _ask_dim(input_name: str, dim: str) -> int:
 @click.option(
     "--act-iters",
     type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
     help="BRECQ with --calib: iterations per unit learning the 8-bit activation step sizes (LSQ) "
-    "after the rounding. Default: a quarter of --iters (the reference ratio); 0 keeps the calibrated steps.",
+    "after the rounding (the reference: a quarter of --iters); 0 keeps the calibrated steps.",
 )
 @click.option(
     "--bias-correction",

@@ -10,6 +10,7 @@ never copied into the repository. From the repository root::
     python tools/bench_recon.py --bits 4 --acts a8 --preset cpu     # the cpu preset (2000 iterations)
     python tools/bench_recon.py --bits 4 --methods uniform+brecq,mixquant+brecq --seed 1
     python tools/bench_recon.py --bits 4 --bias-correction all    # with empirical bias correction
+    python tools/bench_recon.py --bits 4 --acts a8 --act-iters 125  # A8 BRECQ learning activation steps
 
 For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
 ``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
@@ -150,9 +151,20 @@ def bias_suffix(settings: dict[str, Any]) -> str:
     return "" if mode == BiasCorrection.OFF.value else f", bias correction {mode}"
 
 
+def defaults_suffix(settings: dict[str, Any]) -> str:
+    """', LSQ N it' when activation steps were learned; ', earlier defaults' for rows stored before
+    ``act_iters`` was recorded: their A8 BRECQ rows learned the steps for a quarter of the iterations,
+    and their bias correction 'all' ran only after BRECQ, not inside it unit by unit."""
+    if "act_iters" not in settings:
+        return ", earlier defaults"
+    n = int(settings["act_iters"] or 0)
+    return f", LSQ {n} it" if n else ""
+
+
 def setting_label(settings: dict[str, Any]) -> str:
-    """:func:`preset_label`, with the bias correction when used and the calibration seed when not 0."""
-    return preset_label(settings) + bias_suffix(settings) + seed_suffix(settings)
+    """:func:`preset_label`, with the bias correction when used, the activation-step iterations when
+    not 0 (:func:`defaults_suffix`) and the calibration seed when not 0."""
+    return preset_label(settings) + bias_suffix(settings) + defaults_suffix(settings) + seed_suffix(settings)
 
 
 def group_label(bits: int, acts: str) -> str:
@@ -187,6 +199,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="BRECQ batch (default: the preset's)")
     p.add_argument("--calib-size", type=int, default=256, help="activation calibration images (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument(
+        "--act-iters", type=int, default=0, help="A8 BRECQ: iterations per unit learning the activation steps"
+    )
     p.add_argument(
         "--bias-correction",
         default=BiasCorrection.OFF.value,
@@ -244,6 +259,7 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         samples=spec["samples"],
         batch=spec["batch"],
         fisher=rounding == "brecq-fisher",
+        act_iters=int(spec.get("act_iters", 0)),
     )
     acts = ActivationConfig(
         enabled=spec["acts"] == "a8",
@@ -396,6 +412,7 @@ def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[
         "seed": args.seed,
         "eval_limit": args.limit,
         "bias_correction": args.bias_correction,
+        "act_iters": args.act_iters,
     }
 
 
@@ -429,7 +446,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job = {"name": name, "model": str(model_path), "calib": str(calib_list)}
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
-                job.update(bias_correction=args.bias_correction)
+                job.update(bias_correction=args.bias_correction, act_iters=args.act_iters)
                 run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
@@ -475,7 +492,7 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    bias = bias_suffix(r["settings"])
+    bias = bias_suffix(r["settings"]) + defaults_suffix(r["settings"])
     return (model, r["model"], setting, label, bias, seed_of(r["settings"]), -r["bits"], acts, method)
 
 
@@ -602,7 +619,8 @@ def model_block(
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
         name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
-        lines += [f"#### BRECQ setting: {name} ({what}){bias_suffix(s)}{seed_suffix(s)}", ""]
+        suffix = bias_suffix(s) + defaults_suffix(s) + seed_suffix(s)
+        lines += [f"#### BRECQ setting: {name} ({what}){suffix}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
         lines += ["", "Summary:", ""]
@@ -633,7 +651,8 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     """Each comparison per seed and its mean, per (preset, bits, acts) measured with several seeds."""
     by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in rows:
-        key = (preset_label(r["settings"]) + bias_suffix(r["settings"]), r["bits"], r["acts"])
+        s = r["settings"]
+        key = (preset_label(s) + bias_suffix(s) + defaults_suffix(s), r["bits"], r["acts"])
         by_seed.setdefault(key, {}).setdefault(seed_of(r["settings"]), {})[r["method"]] = r
     lines = []
     for (preset, bits, acts), seeds in by_seed.items():
@@ -658,7 +677,7 @@ def bias_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_key: dict[tuple[str, int, int, str], dict[str, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         s = r["settings"]
-        key = (preset_label(s), seed_of(s), r["bits"], r["acts"])
+        key = (preset_label(s) + defaults_suffix(s), seed_of(s), r["bits"], r["acts"])
         mode = s.get("bias_correction") or "off"
         by_key.setdefault(key, {}).setdefault(r["method"], {})[mode] = r
     lines = []
@@ -681,9 +700,10 @@ NOTES = (
     "MixQuant budget rule at B parameter-weighted average bits (widths 2..8, each priced at its "
     "container for *stored bits*); *nearest* = round to nearest; *brecq* = BRECQ block reconstruction "
     "(AdaRound-style learned rounding per residual block, units whose learned rounding does not lower "
-    "the held-out reconstruction error keep nearest rounding; with A8, then the activation step sizes "
-    "learned per unit, LSQ, a quarter of the iterations); *brecq-fisher*: the same with the "
-    "Fisher-weighted error (`--fisher`). *weight grid*: per-channel min-max; "
+    "the held-out reconstruction error keep nearest rounding; with A8 the activation steps are the "
+    "calibrated ones, except in settings labelled 'LSQ N it', which learned them per unit for N iterations, "
+    "and 'earlier defaults', which learned them for a quarter of the iterations); *brecq-fisher*: the "
+    "same with the Fisher-weighted error (`--fisher`). *weight grid*: per-channel min-max; "
     "`QuantizerConfig.symmetry` left at None resolves to asymmetric (uint, zero-point) weights when "
     "weight-only and, with A8, to symmetric int8 for widths 5-8 and asymmetric for 2-4 bits "
     "(`symmetric-int8`; rows of earlier runs marked *sym* used symmetric grids at every width); the "
@@ -701,8 +721,9 @@ NOTES = (
     "top-1 difference from the images exactly one of the two models gets right (McNemar); a difference "
     "within 2 SD is not significant. *bias correction*: settings labelled 'bias correction all' (or "
     "'output') ran the empirical bias correction (`--bias-correction`, on the first 64 calibration "
-    "images) after the rounding and the activation calibration; settings without the label ran none "
-    "(`--bias-correction off`; rows stored before it existed)."
+    "images) after the rounding and the activation calibration, and with 'all' inside BRECQ too, each "
+    "unit's layers as soon as its rounding is learned (except in settings labelled 'earlier defaults'); "
+    "settings without the label ran none (`--bias-correction off`; rows stored before it existed)."
 )
 
 

@@ -77,7 +77,7 @@ def learn_activation_steps(
     Args:
         units: the reconstruction units of ``run.work``, in topological order.
         run: the FP model (targets), ``work`` (the FP graph with every quantized weight replaced by
-            its dequantized value), the cached calibration samples, the settings (``act_iterations``,
+            its dequantized value), the cached calibration samples, the settings (``act_iters``,
             ``act_lr``, ``batch``), the batch generator, the cache, the provider and the progress
             callback, progress(stage, done, total, info).
         plan: the activation plan of ``run.work``.
@@ -139,7 +139,7 @@ def _unit(
     steps = {t: s.copy() for t, s in start.items()}
     trained = {t: steps[t] for t in learn}
     adam = Adam(trained, cfg.act_lr)
-    total, t_train = cfg.act_iterations, time.perf_counter()
+    total, t_train = cfg.act_iters, time.perf_counter()
     for t in range(total):
         idx = np.sort(rng.choice(n_train, cfg.batch, replace=False))
         rec, _, grads = program.step(x[idx], y[idx], {}, 2.0, 0.0, act_steps=steps)

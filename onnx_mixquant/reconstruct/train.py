@@ -184,7 +184,7 @@ def reconstruct(
         seed: seeds the batch sampling.
         progress: progress(stage, done, total, info) per unit.
         act_init: with activation quantization: plans and calibrates the activations of the
-            weight-quantized model; their steps are then learned unit by unit (``cfg.act_iterations``
+            weight-quantized model; their steps are then learned unit by unit (``cfg.act_iters``
             > 0, :mod:`.actsteps`).
         bias_targets: biases to correct unit by unit (:mod:`._unitbias`), each unit's right after
             its rounding is fixed, on the first ``bias_samples`` samples; from
@@ -223,7 +223,7 @@ def reconstruct(
                 t_bias = time.perf_counter()
                 ub.correct(run.work, unit)
                 bias_seconds += time.perf_counter() - t_bias
-        if act_init is not None and cfg.act_iterations > 0:
+        if act_init is not None and cfg.act_iters > 0:
             plan, params = act_init(run.work)
             act_params, act_units = learn_activation_steps(units, run, plan, params)
     finally:
