@@ -117,9 +117,13 @@ def _inits(path: Path) -> dict[str, np.ndarray]:
 
 
 def _channel_means(path: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel means of LAYERS over ``calib``, from a copy of the model with them as outputs
-    (onnxruntime, no graph optimisation)."""
-    model = onnx.load(str(path))
+    """Per-channel means of LAYERS over ``calib`` of the model saved at ``path``."""
+    return channel_means(onnx.load(str(path)), calib)
+
+
+def channel_means(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel means of LAYERS over ``calib``, from ``model`` (modified: LAYERS become outputs)
+    run by onnxruntime without graph optimisation."""
     have = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in LAYERS if n not in have)
     so = ort.SessionOptions()

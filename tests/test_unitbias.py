@@ -7,11 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
-from test_biascorrect import LAYERS, _calib, _cnn_file, make_cnn
+from test_biascorrect import LAYERS, _calib, _cnn_file, channel_means, make_cnn
 
 from onnx_mixquant import (
     BiasConfig,
@@ -53,18 +51,7 @@ def _setup() -> tuple[ir.Model, tuple, dict, dict, object]:
 
 
 def _means(model: ir.Model, calib: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel means of LAYERS over ``calib`` (onnxruntime, no graph optimisation)."""
-    proto = ir.to_proto(model)
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in LAYERS if n not in have)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    outs = [sess.run(list(LAYERS), feed) for feed in calib]
-    return {
-        name: np.mean([o[i].mean(axis=(0, 2, 3) if o[i].ndim == 4 else 0) for o in outs], axis=0)
-        for i, name in enumerate(LAYERS)
-    }
+    return channel_means(ir.to_proto(model), calib)
 
 
 def _with(model: ir.Model, arrays: dict[str, np.ndarray]) -> ir.Model:
