@@ -266,8 +266,7 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
             out.append(f"    no Fisher weighting: {u.fisher}")
     if r.bias is not None and r.bias.layers:
         b = r.bias
-        before = sum(x.error_before for x in b.layers) / len(b.layers)
-        after = sum(x.error_after for x in b.layers) / len(b.layers)
+        before, after = _mean_errors(b)
         out.append(
             f"bias correction inside BRECQ ({b.num_samples} samples, {b.seconds:.1f} s):"
             f" {len(b.layers)} layers, each unit's right after its rounding was fixed; mean"
@@ -291,14 +290,19 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
     return out
 
 
+def _mean_errors(b: BiasReport) -> tuple[float, float]:
+    """Mean over ``b``'s layers (at least one) of the per-channel mean error before and after."""
+    n = len(b.layers)
+    return sum(x.error_before for x in b.layers) / n, sum(x.error_after for x in b.layers) / n
+
+
 def _bias_lines(b: BiasReport | None) -> list[str]:
     if b is None:
         return []
     if not b.layers:
         out = [f"bias correction ({b.mode}): no layer to correct"]
     else:
-        before = sum(x.error_before for x in b.layers) / len(b.layers)
-        after = sum(x.error_after for x in b.layers) / len(b.layers)
+        before, after = _mean_errors(b)
         created = sum(x.created for x in b.layers)
         out = [
             f"bias correction ({b.mode}, by {b.method}, {b.num_samples} "

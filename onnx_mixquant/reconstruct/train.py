@@ -205,13 +205,11 @@ def reconstruct(
     reports = []
     act_params: dict[str, QParams] | None = None
     act_units: tuple[ActUnitReport, ...] = ()
-    bias_seconds, ub = 0.0, None
+    ub = None
     try:
         run.inputs = cache_inputs(calib, cfg.samples, run.cache)
         if bias_targets:
-            t_bias = time.perf_counter()
             ub = UnitBias(fp_model, bias_targets, run.inputs, bias_samples, cfg.batch, strict=bias_strict)
-            bias_seconds += time.perf_counter() - t_bias
         for i, unit in enumerate(units):
             rep, learned = _reconstruct_unit(unit, run, nearest, weights, f"unit {i + 1}/{len(units)}")
             reports.append(rep)
@@ -220,9 +218,7 @@ def reconstruct(
                 if name in result:
                     set_weight(run.work, name, dequantize(result[name].q, result[name].qparams))
             if ub is not None:
-                t_bias = time.perf_counter()
                 ub.correct(run.work, unit)
-                bias_seconds += time.perf_counter() - t_bias
         if act_init is not None and cfg.act_iters > 0:
             plan, params = act_init(run.work)
             act_params, act_units = learn_activation_steps(units, run, plan, params)
@@ -236,7 +232,7 @@ def reconstruct(
         act_params=act_params,
         act_units=act_units,
         biases={} if ub is None else ub.biases(run.work),
-        bias=None if ub is None else ub.report(provider, bias_seconds),
+        bias=None if ub is None else ub.report(provider),
         bias_error=None if ub is None else ub.error,
     )
 
