@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from test_biascorrect import LAYERS, _calib, _cnn_file, channel_means, make_cnn
 
@@ -79,6 +80,7 @@ def test_every_unit_leaves_brecq_with_its_fp_output_means() -> None:
         np.testing.assert_allclose(after[name], fp[name], atol=1e-5 * scale)
     report = result.bias
     assert report is not None and report.method == "units" and report.num_samples == 64
+    assert report.provider in ort.get_available_providers()  # where the corrections ran, not "-"
     assert [x.node for x in report.layers] == ["conv1", "conv2", "fc"]
     assert all(x.error_after < x.error_before / 100 for x in report.layers)
     assert report.layers[2].max_change > 0  # Gemm beta = 0.5: the bias moved twice the mean error
@@ -115,6 +117,7 @@ def test_a_failed_measurement_stops_the_correction_or_raises(monkeypatch: pytest
     calib = _calib()
     result = train.reconstruct(model, sites, nearest, weights, iter(calib), RECON, bias_strict=False, **run)
     assert "NaN/Inf" in (result.bias_error or "")
+    assert result.bias is not None and result.bias.provider == "-" and not result.bias.layers
     assert set(result.weights) == set(nearest)  # the reconstruction itself went on
     np.testing.assert_array_equal(result.biases["B1"], model.graph.initializers["B1"].const_value.numpy())
     with pytest.raises(CalibrationError, match="NaN/Inf"):

@@ -64,6 +64,8 @@ class UnitBias:
         self.num_samples, self.strict = n, strict
         self.targets = tuple(targets)
         self.layers: list[BiasLayer] = []
+        #: The execution provider the corrections ran on ("-": none ran).
+        self.provider = "-"
         self.error: str | None = None
         #: Time spent measuring and correcting, all units together.
         self.seconds = 0.0
@@ -97,12 +99,15 @@ class UnitBias:
         def run() -> None:
             report = correct_biases(work, plan, [r for _, r in chosen], lambda: self.feeds, cfg)
             self.layers.extend(report.layers)
+            self.provider = report.provider
 
         self._guard(run)
 
-    def report(self, provider: str) -> BiasReport:
+    def report(self) -> BiasReport:
         """What the correction did, for the reconstruction report."""
-        return BiasReport("all", "units", self.num_samples, provider, self.seconds, tuple(self.layers), ())
+        return BiasReport(
+            "all", "units", self.num_samples, self.provider, self.seconds, tuple(self.layers), ()
+        )
 
     def biases(self, work: ir.Model) -> dict[str, np.ndarray]:
         """The current value of every target bias in ``work`` (by initializer name)."""

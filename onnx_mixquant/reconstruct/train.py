@@ -232,7 +232,7 @@ def reconstruct(
         act_params=act_params,
         act_units=act_units,
         biases={} if ub is None else ub.biases(run.work),
-        bias=None if ub is None else ub.report(provider),
+        bias=None if ub is None else ub.report(),
         bias_error=None if ub is None else ub.error,
     )
 
