@@ -12,6 +12,7 @@ from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import ConfigError
 
 train = pytest.importorskip("onnx_mixquant.reconstruct.train")
+common = pytest.importorskip("onnx_mixquant.reconstruct._common")
 _common = pytest.importorskip("onnx_mixquant.reconstruct._common")
 
 
@@ -75,3 +76,18 @@ def test_training_copy_folds_zero_pads_only_when_every_node_is_named() -> None:
 )
 def test_training_count_holds_out_a_quarter_up_to_64(n: int, batch: int, train_on: int) -> None:
     assert _common.training_count(n, batch) == train_on
+
+
+def test_eta_extrapolates_the_rate_so_far() -> None:
+    now = [100.0]
+    eta = common.Eta(total=1000, clock=lambda: now[0])
+    assert eta.left(10) == ""  # 1 % done: too early to tell
+    now[0] = 130.0  # 30 s for the first 100 iterations -> 270 s for the other 900
+    assert eta.left(100) == "about 4 min left"
+    assert eta.left(950) == "about 2 s left"
+    now[0] = 100.0 + 3 * 3600  # 3 h for 500: 3 h more
+    assert eta.left(500) == "about 3.0 h left"
+    now[0] = 160.0
+    assert eta.left(600) == "about 40 s left"
+    assert eta.left(1000) == ""  # done
+    assert common.Eta(total=0, clock=lambda: 0.0).left(0) == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,22 @@ def test_brecq_with_activation_stage_and_fisher_is_deterministic(tmp_path: Path)
     quantize(DEMO_MODEL, tmp_path / "a.onnx", cfg, calib=DEMO_CALIB)
     quantize(DEMO_MODEL, tmp_path / "b.onnx", cfg, calib=DEMO_CALIB)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_brecq_progress_shows_loss_rate_and_time_left(tmp_path: Path) -> None:
+    """Every unit reports its iterations; the lines carry the loss, the rate and, once a first
+    estimate exists, the time the whole rounding stage has left (never after its last iteration)."""
+    lines: list[tuple[str, int, int, str]] = []
+    quantize(
+        DEMO_MODEL,
+        tmp_path / "b.onnx",
+        _cfg(RoundingMethod.BRECQ, iters=60),
+        calib=DEMO_CALIB,
+        progress=lambda stage, done, total, info="": lines.append((stage, done, total, info)),
+    )
+    units = [x for x in lines if x[0].startswith("unit ")]
+    assert {x[0] for x in units} == {f"unit {i}/4" for i in range(1, 5)}
+    assert all(x[2] == 60 and re.search(r"loss \S+ reg \S+ [\d.]+ it/s", x[3]) for x in units)
+    with_eta = [x for x in units if "left" in x[3]]
+    assert with_eta and all(re.search(r", about \d+(\.\d)? (s|min|h) left$", x[3]) for x in with_eta)
+    assert "left" not in units[-1][3] and units[-1][1] == 60  # the last tick of the last unit

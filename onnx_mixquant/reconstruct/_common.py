@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ __all__ = [
     "HELD_OUT",
     "Adam",
     "Cache",
+    "Eta",
     "ReconProgress",
     "Run",
     "cache_inputs",
@@ -29,8 +31,38 @@ __all__ = [
     "training_count",
 ]
 
-#: progress(stage, done, total, info): info carries the loss and iterations per second.
+#: progress(stage, done, total, info): info carries the loss, iterations per second and the time
+#: the stage has left.
 ReconProgress = Callable[[str, int, int, str], None]
+
+#: No estimate of the time left before this share of the work is done (the first unit's caching
+#: and graph building would dominate it).
+_ETA_MIN_SHARE = 0.02
+
+
+@dataclass
+class Eta:
+    """Time left in a stage of ``total`` units of work (iterations), from the rate so far: all the
+    time since the start (sample caching and graph building included) over the work done."""
+
+    total: int
+    clock: Callable[[], float] = time.perf_counter
+    start: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = self.clock()
+
+    def left(self, done: int) -> str:
+        """E.g. "about 12 min left"; "" before a first estimate is possible or once all is done."""
+        if self.total <= 0 or done < _ETA_MIN_SHARE * self.total or done >= self.total:
+            return ""
+        seconds = (self.clock() - self.start) * (self.total - done) / done
+        if seconds < 90:
+            return f"about {max(1, round(seconds))} s left"
+        if seconds < 5400:
+            return f"about {round(seconds / 60)} min left"
+        return f"about {seconds / 3600:.1f} h left"
+
 
 #: At most this many samples are held out of training to check a unit's result (a quarter of them
 #: when there are fewer than 256).
@@ -189,6 +221,9 @@ class Run:
     cache: Cache
     provider: str
     progress: ReconProgress | None
+    #: The time the rounding stage has left; ``iters_done``: its iterations of the units finished.
+    eta: Eta | None = None
+    iters_done: int = 0
     _p_fp: np.ndarray | None = None
 
     def p_fp(self) -> np.ndarray:

@@ -33,6 +33,7 @@ from onnx_mixquant.numerics import QParams, dequantize
 from onnx_mixquant.reconstruct._common import (
     Adam,
     Cache,
+    Eta,
     ReconProgress,
     Run,
     cache_inputs,
@@ -201,6 +202,8 @@ def reconstruct(
         differentiable=differentiable,
     )
     run = Run(fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress)
+    trainable = [u for u in units if u.differentiable and any(n in nearest for n in u.weights)]
+    run.eta = Eta(cfg.iters * len(trainable))
     result = dict(nearest)
     reports = []
     act_params: dict[str, QParams] | None = None
@@ -287,6 +290,8 @@ def _reconstruct_unit(
         )
     except UnsupportedModelError as e:  # e.g. a layer reading two activations: keep nearest rounding
         logger.warning("%s %s: %s; keeping nearest rounding", stage, unit.name, e)
+        if run.eta is not None:
+            run.eta.total -= cfg.iters  # no training after all
         return _nearest_report(unit, names, str(e)), {}
     f, fisher_note = None, ""
     if cfg.fisher:
@@ -298,11 +303,13 @@ def _reconstruct_unit(
 
     def tick(done: int, info: str) -> None:
         if run.progress is not None:
-            run.progress(stage, done, cfg.iters, info)
+            left = "" if run.eta is None else run.eta.left(run.iters_done + done)
+            run.progress(stage, done, cfg.iters, f"{info}, {left}" if left else info)
 
     t_train = time.perf_counter()
     v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
+    run.iters_done += cfg.iters
     held = slice(n_train, None) if n_train < len(x) else slice(None)
     held_f = None if f is None else f[held]
     loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
