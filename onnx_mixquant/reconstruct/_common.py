@@ -43,17 +43,21 @@ _ETA_MIN_SHARE = 0.02
 @dataclass
 class Eta:
     """Time left in a stage of ``total`` units of work (iterations), from the rate so far: all the
-    time since the start (sample caching and graph building included) over the work done."""
+    time since the start (sample caching and graph building included) over the work done.
+    ``finished``: the work of the parts (units) already done."""
 
     total: int
     clock: Callable[[], float] = time.perf_counter
+    finished: int = 0
     start: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.start = self.clock()
 
-    def left(self, done: int) -> str:
-        """E.g. "about 12 min left"; "" before a first estimate is possible or once all is done."""
+    def left(self, current: int = 0) -> str:
+        """E.g. "about 12 min left" with ``current`` units of work done in the running part; ""
+        before a first estimate is possible or once all is done."""
+        done = self.finished + current
         if self.total <= 0 or done < _ETA_MIN_SHARE * self.total or done >= self.total:
             return ""
         seconds = (self.clock() - self.start) * (self.total - done) / done
@@ -221,9 +225,8 @@ class Run:
     cache: Cache
     provider: str
     progress: ReconProgress | None
-    #: The time the rounding stage has left; ``iters_done``: its iterations of the units finished.
+    #: The time the rounding stage has left.
     eta: Eta | None = None
-    iters_done: int = 0
     _p_fp: np.ndarray | None = None
 
     def p_fp(self) -> np.ndarray:

@@ -303,13 +303,14 @@ def _reconstruct_unit(
 
     def tick(done: int, info: str) -> None:
         if run.progress is not None:
-            left = "" if run.eta is None else run.eta.left(run.iters_done + done)
+            left = "" if run.eta is None else run.eta.left(done)
             run.progress(stage, done, cfg.iters, f"{info}, {left}" if left else info)
 
     t_train = time.perf_counter()
     v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
-    run.iters_done += cfg.iters
+    if run.eta is not None:
+        run.eta.finished += cfg.iters
     held = slice(n_train, None) if n_train < len(x) else slice(None)
     held_f = None if f is None else f[held]
     loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
