@@ -226,7 +226,7 @@ class Run:
     provider: str
     progress: ReconProgress | None
     #: The time the rounding stage has left.
-    eta: Eta | None = None
+    eta: Eta
     _p_fp: np.ndarray | None = None
 
     def p_fp(self) -> np.ndarray:

@@ -201,9 +201,10 @@ def reconstruct(
         blocks=cfg.granularity is ReconGranularity.BLOCK,
         differentiable=differentiable,
     )
-    run = Run(fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress)
-    trainable = [u for u in units if u.differentiable and any(n in nearest for n in u.weights)]
-    run.eta = Eta(cfg.iters * len(trainable))
+    eta = Eta(cfg.iters * sum(1 for u in units if _trainable(u, nearest)))
+    run = Run(
+        fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress, eta
+    )
     result = dict(nearest)
     reports = []
     act_params: dict[str, QParams] | None = None
@@ -269,6 +270,11 @@ def _fisher_weights(
     return f
 
 
+def _trainable(unit: Unit, nearest: Mapping[str, QuantizedWeight]) -> bool:
+    """Whether ``unit`` gets a training program: it has quantized weights and a gradient."""
+    return unit.differentiable and any(n in nearest for n in unit.weights)
+
+
 def _reconstruct_unit(
     unit: Unit,
     run: Run,
@@ -277,7 +283,7 @@ def _reconstruct_unit(
     stage: str,
 ) -> tuple[UnitReport, dict[str, QuantizedWeight]]:
     names = tuple(n for n in unit.weights if n in nearest)
-    if not names or not unit.differentiable:
+    if not _trainable(unit, nearest):
         return _nearest_report(unit, names, unit.reason), {}
     cfg, t0 = run.cfg, time.perf_counter()
     x = run_tensor(run.work, unit.input, run.inputs, run.cache, run.provider)
@@ -290,8 +296,7 @@ def _reconstruct_unit(
         )
     except UnsupportedModelError as e:  # e.g. a layer reading two activations: keep nearest rounding
         logger.warning("%s %s: %s; keeping nearest rounding", stage, unit.name, e)
-        if run.eta is not None:
-            run.eta.total -= cfg.iters  # no training after all
+        run.eta.total -= cfg.iters  # no training after all
         return _nearest_report(unit, names, str(e)), {}
     f, fisher_note = None, ""
     if cfg.fisher:
@@ -303,14 +308,13 @@ def _reconstruct_unit(
 
     def tick(done: int, info: str) -> None:
         if run.progress is not None:
-            left = "" if run.eta is None else run.eta.left(done)
+            left = run.eta.left(done)
             run.progress(stage, done, cfg.iters, f"{info}, {left}" if left else info)
 
     t_train = time.perf_counter()
     v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
-    if run.eta is not None:
-        run.eta.finished += cfg.iters
+    run.eta.finished += cfg.iters
     held = slice(n_train, None) if n_train < len(x) else slice(None)
     held_f = None if f is None else f[held]
     loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
