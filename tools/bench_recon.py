@@ -11,6 +11,7 @@ never copied into the repository. From the repository root::
     python tools/bench_recon.py --bits 4 --methods uniform+brecq,mixquant+brecq --seed 1
     python tools/bench_recon.py --bits 4 --bias-correction all    # with empirical bias correction
     python tools/bench_recon.py --bits 4 --acts a8 --act-iters 125  # A8 BRECQ learning activation steps
+    python tools/bench_recon.py --bits 3 --acts w --scale-method mse  # MSE-searched weight scales
 
 For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
 ``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
@@ -65,7 +66,15 @@ from onnx_mixquant import (
     ValidateConfig,
     quantize,
 )
-from onnx_mixquant.config import RECON_PRESETS, BiasConfig, BiasCorrection, ReconConfig, RoundingMethod
+from onnx_mixquant.config import (
+    RECON_PRESETS,
+    BiasConfig,
+    BiasCorrection,
+    QuantizerConfig,
+    ReconConfig,
+    RoundingMethod,
+    ScaleMethod,
+)
 
 SECTION = "recon"
 JSON_NAME = "recon.json"
@@ -161,10 +170,23 @@ def defaults_suffix(settings: dict[str, Any]) -> str:
     return f", LSQ {n} it" if n else ""
 
 
+def scale_suffix(settings: dict[str, Any]) -> str:
+    """', MSE weight scales' for rows quantized with ``--scale-method mse``, else '' (min-max)."""
+    method = settings.get("scale_method") or ScaleMethod.MINMAX.value
+    return "" if method == ScaleMethod.MINMAX.value else f", {method.upper()} weight scales"
+
+
 def setting_label(settings: dict[str, Any]) -> str:
     """:func:`preset_label`, with the bias correction when used, the activation-step iterations when
-    not 0 (:func:`defaults_suffix`) and the calibration seed when not 0."""
-    return preset_label(settings) + bias_suffix(settings) + defaults_suffix(settings) + seed_suffix(settings)
+    not 0 (:func:`defaults_suffix`), the weight scale method when not min-max and the calibration
+    seed when not 0."""
+    return (
+        preset_label(settings)
+        + bias_suffix(settings)
+        + defaults_suffix(settings)
+        + scale_suffix(settings)
+        + seed_suffix(settings)
+    )
 
 
 def group_label(bits: int, acts: str) -> str:
@@ -207,6 +229,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=BiasCorrection.OFF.value,
         choices=[m.value for m in BiasCorrection],
         help="empirical bias correction of every row (default off)",
+    )
+    p.add_argument(
+        "--scale-method",
+        default=ScaleMethod.MINMAX.value,
+        choices=[m.value for m in ScaleMethod],
+        help="weight scale rule of every row (default minmax)",
     )
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
     bd.add_io_args(p, quick_help="resnet20 W4A8, 2000 eval images, 200 iterations", json_name=JSON_NAME)
@@ -271,6 +299,7 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         activations=acts,
         recon=recon,
         bias=BiasConfig(mode=BiasCorrection(spec.get("bias_correction", "off"))),
+        quantizer=QuantizerConfig(scale_method=ScaleMethod(spec.get("scale_method", "minmax"))),
         validate=ValidateConfig(enabled=False),
     )
 
@@ -413,6 +442,7 @@ def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[
         "eval_limit": args.limit,
         "bias_correction": args.bias_correction,
         "act_iters": args.act_iters,
+        "scale_method": args.scale_method,
     }
 
 
@@ -447,6 +477,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
                 job.update(bias_correction=args.bias_correction, act_iters=args.act_iters)
+                job.update(scale_method=args.scale_method)
                 run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
