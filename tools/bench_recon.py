@@ -523,7 +523,7 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    bias = bias_suffix(r["settings"]) + defaults_suffix(r["settings"])
+    bias = bias_suffix(r["settings"]) + defaults_suffix(r["settings"]) + scale_suffix(r["settings"])
     return (model, r["model"], setting, label, bias, seed_of(r["settings"]), -r["bits"], acts, method)
 
 
@@ -650,7 +650,7 @@ def model_block(
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
         name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
-        suffix = bias_suffix(s) + defaults_suffix(s) + seed_suffix(s)
+        suffix = bias_suffix(s) + defaults_suffix(s) + scale_suffix(s) + seed_suffix(s)
         lines += [f"#### BRECQ setting: {name} ({what}){suffix}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
@@ -683,7 +683,7 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         s = r["settings"]
-        key = (preset_label(s) + bias_suffix(s) + defaults_suffix(s), r["bits"], r["acts"])
+        key = (preset_label(s) + bias_suffix(s) + defaults_suffix(s) + scale_suffix(s), r["bits"], r["acts"])
         by_seed.setdefault(key, {}).setdefault(seed_of(r["settings"]), {})[r["method"]] = r
     lines = []
     for (preset, bits, acts), seeds in by_seed.items():
@@ -708,7 +708,7 @@ def bias_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_key: dict[tuple[str, int, int, str], dict[str, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         s = r["settings"]
-        key = (preset_label(s) + defaults_suffix(s), seed_of(s), r["bits"], r["acts"])
+        key = (preset_label(s) + defaults_suffix(s) + scale_suffix(s), seed_of(s), r["bits"], r["acts"])
         mode = s.get("bias_correction") or "off"
         by_key.setdefault(key, {}).setdefault(r["method"], {})[mode] = r
     lines = []
@@ -734,7 +734,8 @@ NOTES = (
     "the held-out reconstruction error keep nearest rounding; with A8 the activation steps are the "
     "calibrated ones, except in settings labelled 'LSQ N it', which learned them per unit for N iterations, "
     "and 'earlier defaults', which learned them for a quarter of the iterations); *brecq-fisher*: the "
-    "same with the Fisher-weighted error (`--fisher`). *weight grid*: per-channel min-max; "
+    "same with the Fisher-weighted error (`--fisher`). *weight grid*: per-channel min-max (settings "
+    "labelled 'MSE weight scales': BRECQ's MSE range search, `--scale-method mse`); "
     "`QuantizerConfig.symmetry` left at None resolves to asymmetric (uint, zero-point) weights when "
     "weight-only and, with A8, to symmetric int8 for widths 5-8 and asymmetric for 2-4 bits "
     "(`symmetric-int8`; rows of earlier runs marked *sym* used symmetric grids at every width); the "
