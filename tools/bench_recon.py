@@ -176,17 +176,21 @@ def scale_suffix(settings: dict[str, Any]) -> str:
     return "" if method == ScaleMethod.MINMAX.value else f", {method.upper()} weight scales"
 
 
-def setting_label(settings: dict[str, Any]) -> str:
-    """:func:`preset_label`, with the bias correction when used, the activation-step iterations when
-    not 0 (:func:`defaults_suffix`), the weight scale method when not min-max and the calibration
-    seed when not 0."""
+def variant_suffix(settings: dict[str, Any], *, bias: bool = True, seed: bool = True) -> str:
+    """What a row's setting adds to its preset: the bias correction when used (``bias``), the
+    activation-step iterations when not 0 (:func:`defaults_suffix`), the weight scale method when not
+    min-max and the calibration seed when not 0 (``seed``)."""
     return (
-        preset_label(settings)
-        + bias_suffix(settings)
+        (bias_suffix(settings) if bias else "")
         + defaults_suffix(settings)
         + scale_suffix(settings)
-        + seed_suffix(settings)
+        + (seed_suffix(settings) if seed else "")
     )
+
+
+def setting_label(settings: dict[str, Any]) -> str:
+    """:func:`preset_label` and :func:`variant_suffix`: the row's whole setting."""
+    return preset_label(settings) + variant_suffix(settings)
 
 
 def group_label(bits: int, acts: str) -> str:
@@ -523,8 +527,8 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     method = ALL_METHODS.index(r["method"]) if r["method"] in ALL_METHODS else len(ALL_METHODS)
     label = preset_label(r["settings"])
     setting = SETTING_ORDER.index(label) if label in SETTING_ORDER else len(SETTING_ORDER)
-    bias = bias_suffix(r["settings"]) + defaults_suffix(r["settings"]) + scale_suffix(r["settings"])
-    return (model, r["model"], setting, label, bias, seed_of(r["settings"]), -r["bits"], acts, method)
+    variant = variant_suffix(r["settings"], seed=False)
+    return (model, r["model"], setting, label, variant, seed_of(r["settings"]), -r["bits"], acts, method)
 
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> None:
@@ -650,8 +654,7 @@ def model_block(
         s = group[0]["settings"]
         what = f"{s.get('iters')} iterations per unit, {s.get('samples')} samples, batch {s.get('batch')}"
         name = preset_label(s) if preset_label(s) in RECON_PRESETS else "custom"
-        suffix = bias_suffix(s) + defaults_suffix(s) + scale_suffix(s) + seed_suffix(s)
-        lines += [f"#### BRECQ setting: {name} ({what}){suffix}", ""]
+        lines += [f"#### BRECQ setting: {name} ({what}){variant_suffix(s)}", ""]
         lines += ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
         lines += ["| " + " | ".join(row_cells(r, run_no)) + " |" for r in group]
         lines += ["", "Summary:", ""]
@@ -683,7 +686,7 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_seed: dict[tuple[str, int, str], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         s = r["settings"]
-        key = (preset_label(s) + bias_suffix(s) + defaults_suffix(s) + scale_suffix(s), r["bits"], r["acts"])
+        key = (preset_label(s) + variant_suffix(s, seed=False), r["bits"], r["acts"])
         by_seed.setdefault(key, {}).setdefault(seed_of(r["settings"]), {})[r["method"]] = r
     lines = []
     for (preset, bits, acts), seeds in by_seed.items():
@@ -708,7 +711,7 @@ def bias_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
     by_key: dict[tuple[str, int, int, str], dict[str, dict[str, dict[str, Any]]]] = {}
     for r in rows:
         s = r["settings"]
-        key = (preset_label(s) + defaults_suffix(s) + scale_suffix(s), seed_of(s), r["bits"], r["acts"])
+        key = (preset_label(s) + variant_suffix(s, bias=False, seed=False), seed_of(s), r["bits"], r["acts"])
         mode = s.get("bias_correction") or "off"
         by_key.setdefault(key, {}).setdefault(r["method"], {})[mode] = r
     lines = []
