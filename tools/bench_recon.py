@@ -702,8 +702,25 @@ def seed_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
                 mean = statistics.mean(diffs.values())
                 parts.append(f"{what}: mean {mean:+.2f} pts over seeds {', '.join(map(str, diffs))} ({each})")
         if parts:
+            parts.append(_seed_spread(seeds))
             lines.append(f"- **{model} {group_label(bits, acts)}, {preset}**: " + "; ".join(parts) + ".")
     return lines
+
+
+def _seed_spread(seeds: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Each method's top-1 range and SD over the seeds: how far the calibration sample alone moves
+    a result, beside the eval-set SD that a single row's comparison carries."""
+    by_method: dict[str, list[float]] = {}
+    for g in seeds.values():
+        for method, r in g.items():
+            if _ok(r):
+                by_method.setdefault(method, []).append(r["top1"])
+    spans = [
+        f"{m} {min(v):.4f}-{max(v):.4f} (SD {100.0 * statistics.stdev(v):.2f} pts)"
+        for m, v in sorted(by_method.items())
+        if len(v) >= 2
+    ]
+    return "top-1 over seeds: " + ", ".join(spans)
 
 
 def bias_summaries(model: str, rows: list[dict[str, Any]]) -> list[str]:
