@@ -20,6 +20,7 @@ from onnx_mixquant.config import (
     Granularity,
     ImageLayout,
     ImageSpec,
+    IterSplit,
     QemReference,
     QuantConfig,
     QuantizerConfig,
@@ -169,6 +170,7 @@ def _recon_config(opts: dict[str, Any]) -> ReconConfig:
         samples=opts["recon_samples"] or samples,
         batch=opts["recon_batch"] or batch,
         fisher=opts["fisher"],
+        split=IterSplit(opts["recon_split"]),
         act_iters=opts["act_iters"],
     )
 

@@ -24,6 +24,7 @@ __all__ = [
     "ImageLayout",
     "ImageSpec",
     "Granularity",
+    "IterSplit",
     "QemReference",
     "QuantConfig",
     "QuantizerConfig",
@@ -292,6 +293,14 @@ class ReconGranularity(enum.Enum):
     LAYER = "layer"
 
 
+class IterSplit(enum.Enum):
+    """How BRECQ's iterations are split between units: ``iters`` each, or the same total in
+    proportion to the square root of each unit's relative rounding error (``reconstruct._budget``)."""
+
+    EVEN = "even"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class ReconConfig:
     """BRECQ block reconstruction (``RoundingMethod.BRECQ``); defaults are the reference constants."""
@@ -310,6 +319,9 @@ class ReconConfig:
     #: Weight the squared error by (|dKL/d unit output| + 1)^2, the reference's diagonal Fisher
     #: (needs a classifier: the first model output [batch, classes] logits).
     fisher: bool = False
+    #: ``EVEN``: ``iters`` per unit; ``ERROR``: ``iters`` per unit on average, more where the
+    #: nearest-rounding error is larger (a quarter to four times ``iters``).
+    split: IterSplit = IterSplit.EVEN
     #: With activation quantization: iterations per unit learning the activation step sizes (LSQ,
     #: after the rounding; the reference ran a quarter of ``iters``). 0 (default): keep the
     #: calibrated steps. Measured (BENCHMARKS.md): on EfficientNet-Lite0 W4A8 with its Imagenette

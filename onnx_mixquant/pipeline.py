@@ -294,6 +294,7 @@ def _reconstruct(
         batch=cfg.recon.batch,
         granularity=cfg.recon.granularity.value,
         units=result.units,
+        split=cfg.recon.split.value,
         bias=result.bias,
     )
     return dict(result.weights), report, result.act_params, result.biases

@@ -91,6 +91,9 @@ class ReconReport:
     batch: int
     granularity: str
     units: tuple[UnitReport, ...]
+    #: How the iterations were split between units ("even": ``iters`` each; "error": ``iters`` on
+    #: average, by rounding error); ``UnitReport.iters`` has each unit's count.
+    split: str = "even"
     #: Whether the squared errors were Fisher-weighted (``UnitReport.fisher`` says per unit).
     fisher: bool = False
     #: The activation-step stage per unit (empty without activation quantization).
@@ -250,15 +253,19 @@ def _recon_lines(r: ReconReport | None) -> list[str]:
     if r is None:
         return []
     learned = [u for u in r.units if u.rounding == "learned"]
+    iters = f"{r.iters} iterations"
+    trained = [u.iters for u in r.units if u.iters > 0]
+    if r.split == "error" and trained:
+        iters += f" per unit on average, split by rounding error ({min(trained)}-{max(trained)})"
     out = [
-        f"BRECQ ({r.granularity}s, {r.iters} iterations x batch {r.batch}, {r.samples} samples, "
+        f"BRECQ ({r.granularity}s, {iters} x batch {r.batch}, {r.samples} samples, "
         f"{r.provider}): {len(learned)} of {len(r.units)} units use learned rounding, {r.seconds:.0f} s"
     ]
     for u in r.units:
         if u.loss_nearest is not None and u.loss_learned is not None:
             out.append(
                 f"  {u.name[:60]:<60} error {u.loss_nearest:.4g} -> {u.loss_learned:.4g} "
-                f"({u.rounding}, {u.iters_per_second:.1f} it/s)"
+                f"({u.rounding}, {u.iters} it, {u.iters_per_second:.1f} it/s)"
             )
         else:
             out.append(f"  {u.name[:60]:<60} nearest rounding: {u.reason}")

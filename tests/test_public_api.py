@@ -15,6 +15,7 @@ EXPECTED = {
     "CalibMethod",
     "ImageLayout",
     "ImageSpec",
+    "IterSplit",
     "save_preprocess_model",
     "CalibrationError",
     "ConfigError",

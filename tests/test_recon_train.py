@@ -17,12 +17,20 @@ _common = pytest.importorskip("onnx_mixquant.reconstruct._common")
 
 def test_schedule_warmup_then_linear_beta() -> None:
     cfg = ReconConfig(iters=100, samples=64, batch=8)
-    assert train._schedule(0, cfg) == (20.0, 0.0)
-    assert train._schedule(19, cfg) == (20.0, 0.0)  # 20 % warm-up: no regulariser
-    beta, lam = train._schedule(20, cfg)
+    assert train._schedule(0, 100, cfg) == (20.0, 0.0)
+    assert train._schedule(19, 100, cfg) == (20.0, 0.0)  # 20 % warm-up: no regulariser
+    beta, lam = train._schedule(20, 100, cfg)
     assert (beta, lam) == (20.0, 0.01)
-    assert train._schedule(60, cfg)[0] == pytest.approx(11.0)  # halfway from 20 to 2
-    assert train._schedule(100, cfg)[0] == pytest.approx(2.0)
+    assert train._schedule(60, 100, cfg)[0] == pytest.approx(11.0)  # halfway from 20 to 2
+    assert train._schedule(100, 100, cfg)[0] == pytest.approx(2.0)
+
+
+def test_schedule_follows_the_units_own_iterations() -> None:
+    """A unit given twice the iterations (error split) warms up and anneals over its own count."""
+    cfg = ReconConfig(iters=100, samples=64, batch=8)
+    assert train._schedule(39, 200, cfg) == (20.0, 0.0)
+    assert train._schedule(40, 200, cfg) == (20.0, 0.01)
+    assert train._schedule(120, 200, cfg)[0] == pytest.approx(11.0)
 
 
 def test_adam_minimises_a_quadratic() -> None:

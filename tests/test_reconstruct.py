@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES
 from onnx import numpy_helper
 
 from onnx_mixquant import ActivationConfig, ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
-from onnx_mixquant.config import ReconConfig, RoundingMethod
+from onnx_mixquant.config import IterSplit, ReconConfig, RoundingMethod
 from onnx_mixquant.report import format_text, to_json
 
 pytest.importorskip("onnx_ad")
@@ -172,3 +173,22 @@ def test_brecq_progress_shows_loss_rate_and_time_left(tmp_path: Path) -> None:
     with_eta = [x for x in units if "left" in x[3]]
     assert with_eta and all(re.search(r", about \d+(\.\d)? (s|min|h) left$", x[3]) for x in with_eta)
     assert "left" not in units[-1][3] and units[-1][1] == 60  # the last tick of the last unit
+
+
+def test_brecq_error_split_moves_iterations_to_the_coarser_units(tmp_path: Path) -> None:
+    """``IterSplit.ERROR``: the same total as ``iters`` per unit, more for the units whose nearest
+    rounding is worse (relative error), shown per unit in the report."""
+    cfg = _cfg(RoundingMethod.BRECQ, iters=40)
+    cfg = replace(cfg, recon=replace(cfg.recon, split=IterSplit.ERROR))
+    rep = quantize(DEMO_MODEL, tmp_path / "e.onnx", cfg, calib=DEMO_CALIB)
+    rec = rep.reconstruction
+    assert rec is not None and rec.split == "error"
+    iters = [u.iters for u in rec.units]
+    assert sum(iters) == 40 * len(rec.units) and len(set(iters)) > 1
+    assert all(10 <= k <= 160 for k in iters)
+    bits = {w.name: w.bits for w in rep.weights}
+    narrowest = [min(bits[w] for w in u.weights) for u in rec.units]
+    assert iters[int(np.argmin(narrowest))] > 40 > iters[int(np.argmax(narrowest))]
+    text = format_text(rep)
+    assert re.search(r"40 iterations per unit on average, split by rounding error \(\d+-\d+\)", text)
+    assert f"({rec.units[0].rounding}, {iters[0]} it, " in text

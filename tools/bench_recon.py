@@ -70,6 +70,7 @@ from onnx_mixquant.config import (
     RECON_PRESETS,
     BiasConfig,
     BiasCorrection,
+    IterSplit,
     QuantizerConfig,
     ReconConfig,
     RoundingMethod,
@@ -176,14 +177,22 @@ def scale_suffix(settings: dict[str, Any]) -> str:
     return "" if method == ScaleMethod.MINMAX.value else f", {method.upper()} weight scales"
 
 
+def split_suffix(settings: dict[str, Any]) -> str:
+    """', iterations split by error' for rows run with ``--recon-split error``, else '' (even: rows
+    stored before the option existed split evenly)."""
+    split = settings.get("recon_split") or IterSplit.EVEN.value
+    return "" if split == IterSplit.EVEN.value else f", iterations split by {split}"
+
+
 def variant_suffix(settings: dict[str, Any], *, bias: bool = True, seed: bool = True) -> str:
     """What a row's setting adds to its preset: the bias correction when used (``bias``), the
     activation-step iterations when not 0 (:func:`defaults_suffix`), the weight scale method when not
-    min-max and the calibration seed when not 0 (``seed``)."""
+    min-max, BRECQ's iteration split when not even and the calibration seed when not 0 (``seed``)."""
     return (
         (bias_suffix(settings) if bias else "")
         + defaults_suffix(settings)
         + scale_suffix(settings)
+        + split_suffix(settings)
         + (seed_suffix(settings) if seed else "")
     )
 
@@ -240,6 +249,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=[m.value for m in ScaleMethod],
         help="weight scale rule of every row (default minmax)",
     )
+    p.add_argument(
+        "--recon-split",
+        default=IterSplit.EVEN.value,
+        choices=[m.value for m in IterSplit],
+        help="BRECQ's split of the iterations between units (default even)",
+    )
     p.add_argument("--limit", type=int, help="evaluate on N images, evenly spaced over the set")
     bd.add_io_args(p, quick_help="resnet20 W4A8, 2000 eval images, 200 iterations", json_name=JSON_NAME)
     p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
@@ -292,6 +307,7 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         batch=spec["batch"],
         fisher=rounding == "brecq-fisher",
         act_iters=int(spec.get("act_iters", 0)),
+        split=IterSplit(spec.get("recon_split", IterSplit.EVEN.value)),
     )
     acts = ActivationConfig(
         enabled=spec["acts"] == "a8",
@@ -447,6 +463,7 @@ def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[
         "bias_correction": args.bias_correction,
         "act_iters": args.act_iters,
         "scale_method": args.scale_method,
+        "recon_split": args.recon_split,
     }
 
 
@@ -481,7 +498,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
                 job.update(bias_correction=args.bias_correction, act_iters=args.act_iters)
-                job.update(scale_method=args.scale_method)
+                job.update(scale_method=args.scale_method, recon_split=args.recon_split)
                 run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
@@ -755,7 +772,9 @@ NOTES = (
     "calibrated ones, except in settings labelled 'LSQ N it', which learned them per unit for N iterations, "
     "and 'earlier defaults', which learned them for a quarter of the iterations); *brecq-fisher*: the "
     "same with the Fisher-weighted error (`--fisher`). *weight grid*: per-channel min-max (settings "
-    "labelled 'MSE weight scales': BRECQ's MSE range search, `--scale-method mse`); "
+    "labelled 'MSE weight scales': BRECQ's MSE range search, `--scale-method mse`); settings labelled "
+    "'iterations split by error' gave BRECQ the same total iterations split between units by their "
+    "nearest-rounding error (`--recon-split error`), the others the same count to every unit; "
     "`QuantizerConfig.symmetry` left at None resolves to asymmetric (uint, zero-point) weights when "
     "weight-only and, with A8, to symmetric int8 for widths 5-8 and asymmetric for 2-4 bits "
     "(`symmetric-int8`; rows of earlier runs marked *sym* used symmetric grids at every width); the "

@@ -26,10 +26,11 @@ import onnx_ir as ir
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.activations import ActivationPlan
 from onnx_mixquant.biascorrect import BiasReport, BiasTarget
-from onnx_mixquant.config import ReconConfig, ReconGranularity
+from onnx_mixquant.config import IterSplit, ReconConfig, ReconGranularity
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import WeightSite
 from onnx_mixquant.numerics import QParams, dequantize
+from onnx_mixquant.reconstruct._budget import relative_error, split_iterations
 from onnx_mixquant.reconstruct._common import (
     Adam,
     Cache,
@@ -98,12 +99,13 @@ class ReconResult:
 ActivationInit = Callable[[ir.Model], tuple[ActivationPlan, dict[str, QParams]]]
 
 
-def _schedule(t: int, cfg: ReconConfig) -> tuple[float, float]:
-    """(beta, lambda) at iteration t: lambda 0 in the warm-up, then beta from start to end linearly."""
-    warm = int(cfg.warmup * cfg.iters)
+def _schedule(t: int, iters: int, cfg: ReconConfig) -> tuple[float, float]:
+    """(beta, lambda) at iteration t of ``iters``: lambda 0 in the warm-up, then beta from start to
+    end linearly."""
+    warm = int(cfg.warmup * iters)
     if t < warm:
         return cfg.beta_start, 0.0
-    rel = (t - warm) / max(1, cfg.iters - warm)
+    rel = (t - warm) / max(1, iters - warm)
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - rel), cfg.lam
 
 
@@ -113,22 +115,23 @@ def _train_unit(
     y: np.ndarray,
     weights: Sequence[UnitWeight],
     cfg: ReconConfig,
+    iters: int,
     rng: np.random.Generator,
     tick: Callable[[int, str], None],
     f: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Adam on the rounding variables of one unit (error weighted by ``f`` when given); returns the
-    trained V per weight."""
+    """``iters`` steps of Adam on the rounding variables of one unit (error weighted by ``f`` when
+    given); returns the trained V per weight."""
     v = {w.name: init_v(w.w, w.qparams) for w in weights}
     adam = Adam(v, cfg.lr)
     n = len(x)
     t0 = time.perf_counter()
-    for t in range(cfg.iters):
+    for t in range(iters):
         idx = np.sort(rng.choice(n, cfg.batch, replace=False))
-        beta, lam = _schedule(t, cfg)
+        beta, lam = _schedule(t, iters, cfg)
         rec, reg, grads = program.step(x[idx], y[idx], v, beta, lam, None if f is None else f[idx])
         adam.step(v, grads)
-        if t % 25 == 0 or t == cfg.iters - 1:
+        if t % 25 == 0 or t == iters - 1:
             rate = (t + 1) / max(time.perf_counter() - t0, 1e-9)
             tick(t + 1, f"loss {rec:.4g} reg {reg:.3g} {rate:.1f} it/s")
     return v
@@ -201,7 +204,8 @@ def reconstruct(
         blocks=cfg.granularity is ReconGranularity.BLOCK,
         differentiable=differentiable,
     )
-    eta = Eta(cfg.iters * sum(1 for u in units if _trainable(u, nearest)))
+    budget = _unit_iterations(units, nearest, weights, cfg)
+    eta = Eta(sum(budget))
     run = Run(
         fp_model, fp_model.clone(), {}, cfg, np.random.default_rng(seed), Cache(), provider, progress, eta
     )
@@ -215,7 +219,8 @@ def reconstruct(
         if bias_targets:
             ub = UnitBias(fp_model, bias_targets, run.inputs, bias_samples, cfg.batch, strict=bias_strict)
         for i, unit in enumerate(units):
-            rep, learned = _reconstruct_unit(unit, run, nearest, weights, f"unit {i + 1}/{len(units)}")
+            stage = f"unit {i + 1}/{len(units)}"
+            rep, learned = _reconstruct_unit(unit, run, nearest, weights, budget[i], stage)
             reports.append(rep)
             result.update(learned)
             for name in unit.weights:
@@ -270,6 +275,30 @@ def _fisher_weights(
     return f
 
 
+def _unit_iterations(
+    units: Sequence[Unit],
+    nearest: Mapping[str, QuantizedWeight],
+    weights: Mapping[str, np.ndarray],
+    cfg: ReconConfig,
+) -> list[int]:
+    """Iterations per unit (0 for a unit that is not trained), split by ``cfg.split``."""
+    trained = [i for i, u in enumerate(units) if _trainable(u, nearest)]
+    errors = [
+        relative_error([n for n in units[i].weights if n in nearest], nearest, weights) for i in trained
+    ]
+    out = [0] * len(units)
+    for i, k in zip(trained, split_iterations(errors, cfg.iters, cfg.split), strict=True):
+        out[i] = k
+    if cfg.split is IterSplit.ERROR and trained:
+        logger.info(
+            "iterations split by rounding error: %d to %d per unit (%d in all)",
+            min(out[i] for i in trained),
+            max(out),
+            sum(out),
+        )
+    return out
+
+
 def _trainable(unit: Unit, nearest: Mapping[str, QuantizedWeight]) -> bool:
     """Whether ``unit`` gets a training program: it has quantized weights and a gradient."""
     return unit.differentiable and any(n in nearest for n in unit.weights)
@@ -280,6 +309,7 @@ def _reconstruct_unit(
     run: Run,
     nearest: Mapping[str, QuantizedWeight],
     weights: Mapping[str, np.ndarray],
+    iters: int,
     stage: str,
 ) -> tuple[UnitReport, dict[str, QuantizedWeight]]:
     names = tuple(n for n in unit.weights if n in nearest)
@@ -296,7 +326,7 @@ def _reconstruct_unit(
         )
     except UnsupportedModelError as e:  # e.g. a layer reading two activations: keep nearest rounding
         logger.warning("%s %s: %s; keeping nearest rounding", stage, unit.name, e)
-        run.eta.total -= cfg.iters  # no training after all
+        run.eta.total -= iters  # no training after all
         return _nearest_report(unit, names, str(e)), {}
     f, fisher_note = None, ""
     if cfg.fisher:
@@ -309,12 +339,12 @@ def _reconstruct_unit(
     def tick(done: int, info: str) -> None:
         if run.progress is not None:
             left = run.eta.left(done)
-            run.progress(stage, done, cfg.iters, f"{info}, {left}" if left else info)
+            run.progress(stage, done, iters, f"{info}, {left}" if left else info)
 
     t_train = time.perf_counter()
-    v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, run.rng, tick, f)
+    v = _train_unit(program, x[:n_train], y[:n_train], uw, cfg, iters, run.rng, tick, f)
     t_train = time.perf_counter() - t_train
-    run.eta.finished += cfg.iters
+    run.eta.finished += iters
     held = slice(n_train, None) if n_train < len(x) else slice(None)
     held_f = None if f is None else f[held]
     loss_near = held_out_error(program, x[held], y[held], _nearest_v(uw, nearest), cfg.batch, weight=held_f)
@@ -341,9 +371,9 @@ def _reconstruct_unit(
         kind=unit.kind,
         reason=unit.reason,
         weights=names,
-        iters=cfg.iters,
+        iters=iters,
         seconds=seconds,
-        iters_per_second=cfg.iters / max(t_train, 1e-9),
+        iters_per_second=iters / max(t_train, 1e-9),
         loss_nearest=loss_near,
         loss_learned=loss_learn,
         rounding="learned" if keep else "nearest",
