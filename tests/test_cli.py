@@ -197,6 +197,7 @@ def test_output_paths(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.Mon
         (["--symmetry", "sideways"], "sideways"),
         (["--num-samples", "0"], "num-samples"),
         (["--act-iters", "-1"], "act-iters"),
+        (["--recon-split", "random"], "recon-split"),
         (["--method", "brecq"], "--calib"),
     ],
 )
@@ -377,3 +378,17 @@ def test_brecq_options_reach_the_report(runner: CliRunner, tmp_path: Path) -> No
     assert rec["act_units"] and {a["iters"] for a in rec["act_units"] if a["tensors"]} == {7}
     assert data["settings"]["quantizer"]["symmetry"] == "symmetric-int8"
     assert data["settings"]["recon"]["act_iters"] == 7 and out.exists()
+
+
+def test_recon_split_reaches_the_units(runner: CliRunner, tmp_path: Path) -> None:
+    """--recon-split error: the units' iterations differ and sum to --iters per unit."""
+    out = tmp_path / "s.onnx"
+    args = [str(DEMO_MODEL), str(out), "--calib", str(DEMO_CALIB), "--method", "brecq", "--iters", "20"]
+    args += ["--recon-samples", "96", "--recon-batch", "16", "--recon-split", "error", "--json", "-q"]
+    res = runner.invoke(main, [*args, "--no-validate", "--weight-only", "--target-bits", "3"])
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    rec = data["reconstruction"]
+    iters = [u["iters"] for u in rec["units"]]
+    assert rec["split"] == "error" and data["settings"]["recon"]["split"] == "error"
+    assert sum(iters) == 20 * len(iters) and len(set(iters)) > 1
