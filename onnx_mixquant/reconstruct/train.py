@@ -283,13 +283,17 @@ def _unit_iterations(
 ) -> list[int]:
     """Iterations per unit (0 for a unit that is not trained), split by ``cfg.split``."""
     trained = [i for i, u in enumerate(units) if _trainable(u, nearest)]
+    out = [0] * len(units)
+    if cfg.split is IterSplit.EVEN:
+        for i in trained:
+            out[i] = cfg.iters
+        return out
     errors = [
         relative_error([n for n in units[i].weights if n in nearest], nearest, weights) for i in trained
     ]
-    out = [0] * len(units)
     for i, k in zip(trained, split_iterations(errors, cfg.iters, cfg.split), strict=True):
         out[i] = k
-    if cfg.split is IterSplit.ERROR and trained:
+    if trained:
         logger.info(
             "iterations split by rounding error: %d to %d per unit (%d in all)",
             min(out[i] for i in trained),
