@@ -460,13 +460,31 @@ def _weight_grad(x: np.ndarray, r: np.ndarray, shape: tuple[int, ...], group: in
         (6, 4, 3, 8, 2, 3, [2, 0, 1, 1], 2),  # 2 groups of 3 channels, dilation 2
         (3, 5, 1, 6, 1, 1, [0, 0, 0, 0], 1),  # pointwise, many positions: batched matmul
         (8, 9, 1, 1, 1, 1, [0, 0, 0, 0], 1),  # pointwise, one position: one matmul
+        (3, 4, 3, 7, 1, 1, [1, 1, 1, 1], 1),  # group 1, 3x3: im2col
+        (5, 3, 3, 9, 1, 2, [2, 0, 1, 1], 2),  # im2col, stride 2, dilation 2, asymmetric pads
+        (4, 6, 1, 7, 1, 2, [0, 0, 0, 0], 1),  # 1x1 with stride 2: im2col
+        (3, 4, 3, 7, 1, 1, [1, 1, 1, 1], 0),  # no room for im2col: onnx-ad's rule
     ],
 )
 def test_conv_weight_rules_with_two_seeds(
-    c: int, m: int, k: int, h: int, group: int, stride: int, pads: list[int], dil: int
+    c: int,
+    m: int,
+    k: int,
+    h: int,
+    group: int,
+    stride: int,
+    pads: list[int],
+    dil: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The rules of _dwconv match the definition, per seed (adj_loss = [1, -2])."""
+    """The rules of _dwconv match the definition, per seed (adj_loss = [1, -2]); each case runs the
+    rule its comment names (dil = 0: dilation 1 with IM2COL_BYTES = 0)."""
+    from onnx_mixquant.reconstruct import _dwconv
     from onnx_mixquant.reconstruct._dwconv import reverse
+
+    if dil == 0:
+        monkeypatch.setattr(_dwconv, "IM2COL_BYTES", 0)
+        dil = 1
 
     rng = np.random.default_rng(10)
     x = rng.normal(size=(3, c, h, h)).astype(np.float32)
@@ -491,6 +509,20 @@ def test_conv_weight_rules_with_two_seeds(
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     gradient = reverse(onnx.shape_inference.infer_shapes(proto), ["w"], "loss")
+    ops = [node.op_type for node in gradient.graph.node]
+    if group > 1:
+        rule = "grouped"
+    elif k == 1 and stride == 1:
+        rule = "pointwise"
+    else:
+        rule = "im2col" if _dwconv.IM2COL_BYTES else "onnx-ad"
+    # besides the forward Conv: grouped: a grouped Conv; pointwise: a MatMul; im2col: the one-hot
+    # Conv with a group per input channel, and a MatMul; onnx-ad's: a group-1 Conv
+    expect_ops = {"grouped": (2, 0), "pointwise": (1, 1), "im2col": (2, 1), "onnx-ad": (2, 0)}[rule]
+    assert (ops.count("Conv"), ops.count("MatMul")) == expect_ops
+    convs = [node for node in gradient.graph.node if node.op_type == "Conv"]
+    groups = [helper.get_attribute_value(a) for n in convs[1:] for a in n.attribute if a.name == "group"]
+    assert groups == {"grouped": [group], "pointwise": [], "im2col": [c], "onnx-ad": [1]}[rule]
     sess = ort.InferenceSession(gradient.SerializeToString(), providers=[CPU])
     w = rng.normal(size=w_shape).astype(np.float32)
     (adj,) = sess.run(["adj_w"], {"x": x, "w": w, "adj_loss": np.array([1.0, -2.0], np.float32)})

@@ -1,13 +1,17 @@
-"""Time one BRECQ unit's training step on each onnxruntime provider (CPU, and CUDA where usable).
+"""Time BRECQ units' training steps: per onnxruntime provider (CPU, and CUDA where usable), and with
+the Conv weight adjoints built by im2col (the default) against onnx-ad's own rule.
 
 Dev-only script. For each model it builds the AdaRound training step (ONNX forward + onnx-ad
-gradient graph, as ``--method brecq`` does) of one reconstruction unit with 4-bit nearest-rounded
-weights, feeds it the unit's real input for a batch of random model inputs, and times ``--steps``
-steps after ``--warmup`` on every usable provider; the BENCHMARKS.md section between the
+gradient graph, as ``--method brecq`` does) of reconstruction units with 4-bit nearest-rounded
+weights, feeds each the unit's real input for a batch of random model inputs, and times ``--steps``
+steps after ``--warmup``. The variants of a unit (providers; with ``--compare-adjoint`` also the
+CPU step built with ``IM2COL_BYTES = 0``, i.e. onnx-ad's Conv weight adjoint) take turns step by
+step, so a load change on the machine hits them alike. The BENCHMARKS.md section between the
 ``bench:unit`` markers is rewritten from the rows of this run (raw: ``benchmarks/unit.json``)::
 
     python tools/bench_unit.py                                  # resnet20 unit 1, efficientnet unit 1
-    python tools/bench_unit.py --models efficientnet_lite0 --unit 3 --batch 8
+    python tools/bench_unit.py --models efficientnet_lite0 --units 3 --batch 8
+    python tools/bench_unit.py --models resnet20_cifar10 --units all --compare-adjoint
 
 The CPU provider runs with onnxruntime's default threads (all cores); CUDA rows appear only where
 ``onnx_mixquant.validate.available_providers(True)`` opened a CUDA session (onnxruntime-gpu and a GPU).
@@ -29,6 +33,7 @@ import numpy as np
 
 from onnx_mixquant.graph import read_model, weight_array, weight_values
 from onnx_mixquant.numerics import choose_qparams
+from onnx_mixquant.reconstruct import _dwconv
 from onnx_mixquant.reconstruct._common import Cache, run_tensor
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, init_v
 from onnx_mixquant.reconstruct.blocks import partition
@@ -43,7 +48,12 @@ PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet20_cifar10,efficientnet_lite0", help="comma list")
-    p.add_argument("--unit", type=int, default=1, help="index of the unit to time (default 1)")
+    p.add_argument("--units", default="1", help="comma list of unit indices, or 'all' (default 1)")
+    p.add_argument(
+        "--compare-adjoint",
+        action="store_true",
+        help="also time each unit on CPU with onnx-ad's Conv weight adjoint (no im2col)",
+    )
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32, the reference)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per provider")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -52,65 +62,107 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def time_unit(path: Path, index: int, batch: int, steps: int, warmup: int) -> list[dict[str, Any]]:
-    """Median step time of unit ``index`` of the model at ``path`` on every usable provider."""
+def time_units(
+    path: Path, units_arg: str, batch: int, steps: int, warmup: int, compare: bool
+) -> list[dict[str, Any]]:
+    """Median step time of the chosen units of the model at ``path``, per variant (module docstring)."""
     read = read_model(path)
     model = _without_zero_pads(read.model)  # as reconstruct() trains
     units = partition(model, read.sites, blocks=True, differentiable=differentiable)
-    unit = units[index]
+    chosen = range(len(units)) if units_arg == "all" else [int(i) for i in units_arg.split(",")]
     values, axes = weight_values(model), {s.name: s.axis for s in read.sites}
-    weights = []
-    for name in unit.weights:
-        w = weight_array(values[name])
-        weights.append(UnitWeight(name, w, choose_qparams(w, 4, symmetric=False, axis=axes[name])))
     rng = np.random.default_rng(0)
     feeds = {}
     for v in read.model.graph.inputs:
         dims = [batch if i == 0 else int(d) for i, d in enumerate(v.shape or [])]
         feeds[v.name or ""] = rng.random(dims, dtype=np.float32)
-    cache = Cache()
-    try:
-        x = np.asarray(run_tensor(model, unit.input, feeds, cache, PROVIDERS[0]))
-        y = np.asarray(run_tensor(model, unit.output, feeds, cache, PROVIDERS[0]))
-    finally:
-        cache.close()
-    v = {w.name: init_v(w.w, w.qparams) for w in weights}
     rows = []
-    for provider in [PROVIDERS[0], *([PROVIDERS[1]] if PROVIDERS[1] in available_providers(True) else [])]:
-        program = UnitProgram(model, unit, weights, x.shape, provider=provider)
-        times = []
+    for index in chosen:
+        unit = units[index]
+        weights = []
+        for name in unit.weights:
+            w = weight_array(values[name])
+            weights.append(UnitWeight(name, w, choose_qparams(w, 4, symmetric=False, axis=axes[name])))
+        cache = Cache()
+        try:
+            x = np.asarray(run_tensor(model, unit.input, feeds, cache, PROVIDERS[0]))
+            y = np.asarray(run_tensor(model, unit.output, feeds, cache, PROVIDERS[0]))
+        finally:
+            cache.close()
+        v = {w.name: init_v(w.w, w.qparams) for w in weights}
+        variants = [(PROVIDERS[0], "im2col")]
+        if PROVIDERS[1] in available_providers(True):
+            variants.append((PROVIDERS[1], "im2col"))
+        if compare:
+            variants.append((PROVIDERS[0], "onnx-ad"))
+        programs = [_program(model, unit, weights, x.shape, provider, rule) for provider, rule in variants]
+        times: list[list[float]] = [[] for _ in programs]
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            program.step(x, y, v, 20.0, 0.01)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        ms = 1000 * statistics.median(times)
-        bd.log(f"  [{path.stem} {unit.name[:40]}] {program.provider}: {ms:.1f} ms/step")
-        rows.append({"model": path.stem, "unit": unit.name, "input": list(x.shape), "weights": len(weights),
-                     "provider": program.provider, "ms_per_step": ms, "steps": steps})  # fmt: skip
+            for program, record in zip(programs, times, strict=True):
+                t0 = time.perf_counter()
+                program.step(x, y, v, 20.0, 0.01)
+                if i >= warmup:
+                    record.append(time.perf_counter() - t0)
+        for program, (_, rule), record in zip(programs, variants, times, strict=True):
+            ms = 1000 * statistics.median(record)
+            label = f"{path.stem} unit {index} {unit.name[:40]}"
+            bd.log(f"  [{label}] {program.provider} {rule}: {ms:.1f} ms/step")
+            rows.append({"model": path.stem, "index": index, "unit": unit.name, "input": list(x.shape),
+                         "weights": len(weights), "provider": program.provider, "adjoint": rule,
+                         "ms_per_step": ms, "steps": steps})  # fmt: skip
     return rows
+
+
+def _program(model: Any, unit: Any, weights: list[UnitWeight], shape: tuple[int, ...], provider: str,
+             rule: str) -> UnitProgram:  # fmt: skip
+    """The unit's step on ``provider``; rule "onnx-ad": built without the im2col weight adjoint."""
+    saved = _dwconv.IM2COL_BYTES
+    _dwconv.IM2COL_BYTES = saved if rule == "im2col" else 0
+    try:
+        return UnitProgram(model, unit, weights, shape, provider=provider)
+    finally:
+        _dwconv.IM2COL_BYTES = saved
 
 
 def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
-    cpu = {r["model"]: r["ms_per_step"] for r in rows if r["provider"] == PROVIDERS[0]}
+    base = {(r["model"], r["index"]): r["ms_per_step"] for r in rows
+            if r["provider"] == PROVIDERS[0] and r["adjoint"] == "onnx-ad"}  # fmt: skip
+    cpu = {(r["model"], r["index"]): r["ms_per_step"] for r in rows
+           if r["provider"] == PROVIDERS[0] and r["adjoint"] == "im2col"}  # fmt: skip
+    reference = base or cpu
+    against = "CPU, onnx-ad's adjoint" if base else "CPU"
     lines = [
         bd.mark(SECTION, "start"),
-        "## One BRECQ unit's training step per onnxruntime provider",
+        "## BRECQ units' training step: Conv weight adjoint and onnxruntime provider",
         "",
         f"Produced by `{command}` on {facts['date']}. Machine: {facts['machine']}. Median of the timed "
         "steps (forward + onnx-ad gradient of the AdaRound loss, 4-bit weights, onnxruntime's default "
-        "threads).",
+        "threads); the variants of a unit took turns step by step. *Conv weight adjoint*: im2col + "
+        "matrix product (`reconstruct/_dwconv.py`, the default) or onnx-ad 0.3.0's own rule (a "
+        "convolution with an image-sized kernel; 1x1 and grouped Convs use the package's rules in "
+        f"both). *speed-up*: the {against} row's time over this row's.",
         "",
-        "| model | unit | unit input | weights | provider | ms / step | it/s | vs CPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | unit | unit input | weights | provider | Conv weight adjoint | ms / step | it/s "
+        "| speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = cpu[r["model"]] / r["ms_per_step"]
+        ratio = reference[(r["model"], r["index"])] / r["ms_per_step"]
         lines.append(
-            f"| {r['model']} | {r['unit']} | {'x'.join(map(str, r['input']))} | {r['weights']} "
-            f"| {r['provider']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.1f} | {ratio:.2f}x |"
+            f"| {r['model']} | {r['index']}: {r['unit']} | {'x'.join(map(str, r['input']))} | {r['weights']} "
+            f"| {r['provider']} | {r['adjoint']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.1f} "
+            f"| {ratio:.2f}x |"
         )
+    if base:
+        lines += ["", "Sum of the units' median steps on CPU (a BRECQ run's training time is about the "
+                  "iterations per unit times this sum):", ""]  # fmt: skip
+        for model in dict.fromkeys(r["model"] for r in rows):
+            old = sum(ms for (m, _), ms in base.items() if m == model)
+            new = sum(ms for (m, _), ms in cpu.items() if m == model)
+            count = sum(1 for m, _ in base if m == model)
+            lines.append(f"- **{model}** ({count} units): onnx-ad's adjoint {old:.0f} ms, im2col "
+                         f"{new:.0f} ms: **{old / new:.2f}x** faster.")  # fmt: skip
     if not any(r["provider"] == PROVIDERS[1] for r in rows):
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
     return "\n".join([*lines, "", bd.mark(SECTION, "end"), ""])
@@ -120,9 +172,10 @@ def main() -> None:
     args = parse_args()
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        rows += time_unit(
-            args.bench_dir / "models" / f"{name}.onnx", args.unit, args.batch, args.steps, args.warmup
-        )
+        rows += time_units(
+            args.bench_dir / "models" / f"{name}.onnx", args.units, args.batch, args.steps, args.warmup,
+            args.compare_adjoint,
+        )  # fmt: skip
     facts = bd.machine_facts()
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cores, versions = f"{facts['nproc']} CPU cores ({facts['cpu']})", f"Python {facts['python']}"
