@@ -463,6 +463,7 @@ def _weight_grad(x: np.ndarray, r: np.ndarray, shape: tuple[int, ...], group: in
         (3, 4, 3, 7, 1, 1, [1, 1, 1, 1], 1),  # group 1, 3x3: im2col
         (5, 3, 3, 9, 1, 2, [2, 0, 1, 1], 2),  # im2col, stride 2, dilation 2, asymmetric pads
         (4, 6, 1, 7, 1, 2, [0, 0, 0, 0], 1),  # 1x1 with stride 2: im2col
+        (3, 10, 3, 3, 1, 1, [1, 1, 1, 1], 1),  # im2col, fewer positions than filters: one matmul
         (3, 4, 3, 7, 1, 1, [1, 1, 1, 1], 0),  # no room for im2col: onnx-ad's rule
     ],
 )

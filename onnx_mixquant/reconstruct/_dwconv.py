@@ -262,20 +262,20 @@ def _im2col(ctx: Any, node: Any) -> bool:
 
 
 def _im2col_adjoint(ctx: Any, node: Any, seeded: str) -> str:
-    """dL/dW of a group-1 Conv as im2col + one matrix product per sample (S seeds, T kernel taps,
-    P output positions)::
+    """dL/dW of a group-1 Conv as im2col + matrix products (S seeds, T kernel taps, P output
+    positions)::
 
         cols = Conv(X, E, group=C, the forward's pads, strides and dilations)   [N, C*T, *Ho]
                E [C*T, 1, *K]: filter c*T + t is 1 at tap t (one-hot), so
                cols[n, c*T + t, o] = X_pad[n, c, o * stride + tap(t) * dilation]
         dW   = sum_n cols[n] G[n]^T      cols -> [N, C*T, P],  G [N, M, *Ho, S] -> [N, P, S*M]
+               (P <= M: cols -> [C*T, N*P] times G -> [N*P, S*M], one product)
                [C*T, S*M] -> [C, *K, S, M] -> [M, C, *K, S]
 
-    The one-hot Conv is im2col at the forward Conv's own cost; the products have C*T rows and
-    S*M columns, where onnx-ad's form multiplies by a T-column matrix. Measured on this machine
-    (2 threads, float32, N = 32): 2.1x faster on ResNet-20's 16-channel 32x32 3x3 Conv (8.3 vs
-    17.4 ms), 3.2x on its 64-channel 8x8 one, 3.3x for a stride-2 Conv; the im2col matrix is T
-    times the input.
+    The one-hot Conv costs about the forward Conv; the products have C*T rows and S*M columns,
+    where onnx-ad's form is a GEMM with T (9 for 3x3) columns, which MLAS runs at a fraction of
+    its speed. The im2col matrix is T times the Conv input (capped by :data:`IM2COL_BYTES`). A
+    ResNet-20 training step over all its units is 1.4x faster (BENCHMARKS.md, ``bench_unit``).
     """
     x, w, y = node.input[0], node.input[1], node.output[0]
     shape_x, shape_w, shape_y = (ctx.shapes.static(name) for name in (x, w, y))
@@ -296,8 +296,18 @@ def _im2col_adjoint(ctx: Any, node: Any, seeded: str) -> str:
     # ResNet-20 layer2.0, where the 5-D one with the seed axis in place took 1.7 ms)
     gt = b.op("Reshape", [seeded, b.ints([n, m, -1])], stem="ic_g")
     gt = b.op("Transpose", [gt], perm=[0, 2, 1], stem="ic_g")
-    gt = b.op("Reshape", [gt, b.ints([n, positions, -1])], stem="ic_g")
-    product = ctx.reduce_sum(b.op("MatMul", [cols, gt], stem="ic_mm"), [0], keepdims=0)
+    if positions > m:  # S is 1 in BRECQ; either form is exact for any S
+        # one product per sample, then the sum over the batch (N*C*T*S*M partial sums)
+        gt = b.op("Reshape", [gt, b.ints([n, positions, -1])], stem="ic_g")
+        product = ctx.reduce_sum(b.op("MatMul", [cols, gt], stem="ic_mm"), [0], keepdims=0)
+    else:
+        # no more positions than filters: transposing cols (N*C*T*P) costs less than those
+        # partial sums, one product over N*P (ResNet-20's 8x8 stage, 64 filters: 0.9 vs 1.7 ms;
+        # with 256 positions and 32 filters the batched form wins, 0.6 vs 2.1 ms)
+        cols = b.op("Transpose", [cols], perm=[1, 0, 2], stem="ic_cols")
+        cols = b.op("Reshape", [cols, b.ints([c * taps, n * positions])], stem="ic_cols")
+        gt = b.op("Reshape", [gt, b.ints([n * positions, -1])], stem="ic_g")
+        product = b.op("MatMul", [cols, gt], stem="ic_mm")
     product = b.op("Reshape", [product, b.ints([c, *kernel, -1, m])], stem="ic_split")
     return str(b.op("Transpose", [product], perm=[rank, 0, *range(1, rank)], stem="ic_weight"))
 
