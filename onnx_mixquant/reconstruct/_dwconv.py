@@ -268,9 +268,9 @@ def _im2col_adjoint(ctx: Any, node: Any, seeded: str) -> str:
         cols = Conv(X, E, group=C, the forward's pads, strides and dilations)   [N, C*T, *Ho]
                E [C*T, 1, *K]: filter c*T + t is 1 at tap t (one-hot), so
                cols[n, c*T + t, o] = X_pad[n, c, o * stride + tap(t) * dilation]
-        dW   = sum_n cols[n] G[n]^T      cols -> [N, C*T, P],  G [N, M, *Ho, S] -> [N, P, S*M]
-               (P <= M: cols -> [C*T, N*P] times G -> [N*P, S*M], one product)
-               [C*T, S*M] -> [C, *K, S, M] -> [M, C, *K, S]
+        dW   = sum_n cols[n] G[n]^T      cols -> [N, C*T, P],  G [N, M, *Ho, S] -> [S, N, P, M]
+               (P <= M: cols -> [C*T, N*P] times G -> [S, N*P, M], one product per seed)
+               [S, C*T, M] -> [S, C, *K, M] -> [M, C, *K, S]
 
     The one-hot Conv costs about the forward Conv; the products have C*T rows and S*M columns,
     where onnx-ad's form is a GEMM with T (9 for 3x3) columns, which MLAS runs at a fraction of
@@ -292,27 +292,31 @@ def _im2col_adjoint(ctx: Any, node: Any, seeded: str) -> str:
         dilations=list(attribute(node, "dilations", [1] * spatial)),
     )  # fmt: skip
     cols = b.op("Reshape", [cols, b.ints([n, c * taps, positions])], stem="ic_cols")
-    # G [N, M, *Ho, S] -> [S, N, M, *Ho] -> [S, N, M, P] -> [N, P, S, M]. The seed axis goes to
-    # the front first: onnxruntime moves that Transpose up through the elementwise adjoints
-    # before it (a ReLU's Where), which then run without the trailing size-1 axis that makes
-    # them several times slower (EfficientNet-Lite0's stem: 177 vs 52 ms a step).
+    # G [N, M, *Ho, S] -> [S, N, M, *Ho] -> [S*N, M, P] -> [S*N, P, M]. The seed axis goes to the
+    # front first: onnxruntime moves that Transpose up through the elementwise adjoints before
+    # it (a ReLU's Where), which then run without the trailing size-1 axis that makes them
+    # several times slower (EfficientNet-Lite0's stem: 177 vs 52 ms a step). The other is a 3-D
+    # transpose (4-D ones with a size-1 axis ran 5x slower).
     gt = b.op("Transpose", [seeded], perm=[rank, *range(rank)], stem="ic_g")
-    gt = b.op("Reshape", [gt, b.ints([-1, n, m, positions])], stem="ic_g")
-    gt = b.op("Transpose", [gt], perm=[1, 3, 0, 2], stem="ic_g")
+    gt = b.op("Reshape", [gt, b.ints([-1, m, positions])], stem="ic_g")
+    gt = b.op("Transpose", [gt], perm=[0, 2, 1], stem="ic_g")
     if positions > m:  # S is 1 in BRECQ; either form is exact for any S
-        # one product per sample, then the sum over the batch (N*C*T*S*M partial sums)
-        gt = b.op("Reshape", [gt, b.ints([n, positions, -1])], stem="ic_g")
-        product = ctx.reduce_sum(b.op("MatMul", [cols, gt], stem="ic_mm"), [0], keepdims=0)
+        # one product per sample, then the sum over the batch (N*C*T*S*M partial sums):
+        # [N, C*T, P] x [S, N, P, M] -> [S, N, C*T, M] -> [S, C*T, M]
+        gt = b.op("Reshape", [gt, b.ints([-1, n, positions, m])], stem="ic_g")
+        product = ctx.reduce_sum(b.op("MatMul", [cols, gt], stem="ic_mm"), [1], keepdims=0)
     else:
         # no more positions than filters: transposing cols (N*C*T*P) costs less than those
         # partial sums, one product over N*P (ResNet-20's 8x8 stage, 64 filters: 0.9 vs 1.7 ms;
-        # with 256 positions and 32 filters the batched form wins, 0.6 vs 2.1 ms)
+        # with 256 positions and 32 filters the batched form wins, 0.6 vs 2.1 ms):
+        # [C*T, N*P] x [S, N*P, M] -> [S, C*T, M]
         cols = b.op("Transpose", [cols], perm=[1, 0, 2], stem="ic_cols")
         cols = b.op("Reshape", [cols, b.ints([c * taps, n * positions])], stem="ic_cols")
-        gt = b.op("Reshape", [gt, b.ints([n * positions, -1])], stem="ic_g")
+        gt = b.op("Reshape", [gt, b.ints([-1, n * positions, m])], stem="ic_g")
         product = b.op("MatMul", [cols, gt], stem="ic_mm")
-    product = b.op("Reshape", [product, b.ints([c, *kernel, -1, m])], stem="ic_split")
-    return str(b.op("Transpose", [product], perm=[rank, 0, *range(1, rank)], stem="ic_weight"))
+    # [S, C*T, M] -> [S, C, *K, M] -> [M, C, *K, S]
+    product = b.op("Reshape", [product, b.ints([-1, c, *kernel, m])], stem="ic_split")
+    return str(b.op("Transpose", [product], perm=[rank, *range(1, rank), 0], stem="ic_weight"))
 
 
 def _weight_adjoint(ctx: Any, node: Any, seeded: str) -> str:
