@@ -162,7 +162,7 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
             new = sum(ms for (m, _), ms in cpu.items() if m == model)
             count = sum(1 for m, _ in base if m == model)
             lines.append(f"- **{model}** ({count} units): onnx-ad's adjoint {old:.0f} ms, im2col "
-                         f"{new:.0f} ms: **{old / new:.2f}x** faster.")  # fmt: skip
+                         f"{new:.0f} ms: speed-up **{old / new:.2f}x**.")  # fmt: skip
     if not any(r["provider"] == PROVIDERS[1] for r in rows):
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
     return "\n".join([*lines, "", bd.mark(SECTION, "end"), ""])
