@@ -21,6 +21,7 @@ from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.numerics import QParams, choose_qparams, dequantize, quantize
 from onnx_mixquant.reconstruct import adaround
 from onnx_mixquant.reconstruct._dwconv import grouped_conv_rule
+from onnx_mixquant.reconstruct._rankalign import BROADCASTING
 from onnx_mixquant.reconstruct.adaround import (
     UnitProgram,
     UnitWeight,
@@ -208,6 +209,15 @@ def test_gradient_matches_finite_differences(case: str) -> None:
     feeds = _feeds(models.training, rng, np.float64)
     feeds["f"] = np.abs(feeds["f"])
     v_names = [f"V:{w.name}" for w in weights]
+    # _rankalign: every input of a broadcasting op has the rank of its output
+    inferred = onnx.shape_inference.infer_shapes(models.gradient)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
+    ranks |= {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.input}
+    ranks |= {t.name: len(t.dims) for t in inferred.graph.initializer}
+    broadcasting = [n for n in inferred.graph.node if n.op_type in BROADCASTING and n.output[0] in ranks]
+    assert broadcasting
+    for node in broadcasting:
+        assert {ranks.get(i, ranks[node.output[0]]) for i in node.input if i} == {ranks[node.output[0]]}, node
     grads = list(ReferenceEvaluator(models.gradient).run(None, {**feeds, "adj_loss": np.ones(1)}))[3:]
     training = ReferenceEvaluator(models.training)
 

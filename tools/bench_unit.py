@@ -1,17 +1,19 @@
 """Time BRECQ units' training steps: per onnxruntime provider (CPU, and CUDA where usable), and with
-the Conv weight adjoints built by im2col (the default) against onnx-ad's own rule.
+the package's gradient-graph rewrites against the graph without some of them.
 
 Dev-only script. For each model it builds the AdaRound training step (ONNX forward + onnx-ad
 gradient graph, as ``--method brecq`` does) of reconstruction units with 4-bit nearest-rounded
 weights, feeds each the unit's real input for a batch of random model inputs, and times ``--steps``
-steps after ``--warmup``. The variants of a unit (providers; with ``--compare-adjoint`` also the
-CPU step built with ``IM2COL_BYTES = 0``, i.e. onnx-ad's Conv weight adjoint) take turns step by
-step, so a load change on the machine hits them alike. The BENCHMARKS.md section between the
-``bench:unit`` markers is rewritten from the rows of this run (raw: ``benchmarks/unit.json``)::
+steps after ``--warmup``. The variants of a unit (providers; with ``--without`` also the CPU step
+built without the named rewrites of ``reconstruct/_dwconv.py``: ``im2col``, the Conv weight
+adjoint as im2col + matrix products, which leaves onnx-ad's own rule; ``rank-align``, full-rank
+broadcasting operands) take turns step by step, so a load change on the machine hits them alike.
+The BENCHMARKS.md section between the ``bench:unit`` markers is rewritten from the rows of this
+run (raw: ``benchmarks/unit.json``)::
 
     python tools/bench_unit.py                                  # resnet20 unit 1, efficientnet unit 1
     python tools/bench_unit.py --models efficientnet_lite0 --units 3 --batch 8
-    python tools/bench_unit.py --models resnet20_cifar10 --units all --compare-adjoint
+    python tools/bench_unit.py --models resnet20_cifar10 --units all --without im2col,rank-align
 
 The CPU provider runs with onnxruntime's default threads (all cores); CUDA rows appear only where
 ``onnx_mixquant.validate.available_providers(True)`` opened a CUDA session (onnxruntime-gpu and a GPU).
@@ -43,6 +45,9 @@ from onnx_mixquant.validate import available_providers
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTION = "unit"
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+#: Gradient-graph rewrites of reconstruct/_dwconv.py that --without can leave out.
+REWRITES = ("im2col", "rank-align")
+DEFAULT = "default"
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,9 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--models", default="resnet20_cifar10,efficientnet_lite0", help="comma list")
     p.add_argument("--units", default="1", help="comma list of unit indices, or 'all' (default 1)")
     p.add_argument(
-        "--compare-adjoint",
-        action="store_true",
-        help="also time each unit on CPU with onnx-ad's Conv weight adjoint (no im2col)",
+        "--without",
+        default="",
+        help="also time each unit on CPU without these rewrites: comma list of " + ", ".join(REWRITES),
     )
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32, the reference)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per provider")
@@ -63,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_units(
-    path: Path, units_arg: str, batch: int, steps: int, warmup: int, compare: bool
+    path: Path, units_arg: str, batch: int, steps: int, warmup: int, without: str
 ) -> list[dict[str, Any]]:
     """Median step time of the chosen units of the model at ``path``, per variant (module docstring)."""
     read = read_model(path)
@@ -90,11 +95,11 @@ def time_units(
         finally:
             cache.close()
         v = {w.name: init_v(w.w, w.qparams) for w in weights}
-        variants = [(PROVIDERS[0], "im2col")]
+        variants = [(PROVIDERS[0], DEFAULT)]
         if PROVIDERS[1] in available_providers(True):
-            variants.append((PROVIDERS[1], "im2col"))
-        if compare:
-            variants.append((PROVIDERS[0], "onnx-ad"))
+            variants.append((PROVIDERS[1], DEFAULT))
+        if without:
+            variants.append((PROVIDERS[0], without))
         programs = [_program(model, unit, weights, x.shape, provider, rule) for provider, rule in variants]
         times: list[list[float]] = [[] for _ in programs]
         for i in range(warmup + steps):
@@ -108,50 +113,53 @@ def time_units(
             label = f"{path.stem} unit {index} {unit.name[:40]}"
             bd.log(f"  [{label}] {program.provider} {rule}: {ms:.1f} ms/step")
             rows.append({"model": path.stem, "index": index, "unit": unit.name, "input": list(x.shape),
-                         "weights": len(weights), "provider": program.provider, "adjoint": rule,
+                         "weights": len(weights), "provider": program.provider, "graph": rule,
                          "ms_per_step": ms, "steps": steps})  # fmt: skip
     return rows
 
 
 def _program(model: Any, unit: Any, weights: list[UnitWeight], shape: tuple[int, ...], provider: str,
-             rule: str) -> UnitProgram:  # fmt: skip
-    """The unit's step on ``provider``; rule "onnx-ad": built without the im2col weight adjoint."""
-    saved = _dwconv.IM2COL_BYTES
-    _dwconv.IM2COL_BYTES = saved if rule == "im2col" else 0
+             variant: str) -> UnitProgram:  # fmt: skip
+    """The unit's step on ``provider``: the default graph, or without the rewrites ``variant`` lists."""
+    off = set() if variant == DEFAULT else set(variant.split(","))
+    saved = _dwconv.IM2COL_BYTES, _dwconv.ALIGN_RANKS
+    _dwconv.IM2COL_BYTES = 0 if "im2col" in off else saved[0]
+    _dwconv.ALIGN_RANKS = "rank-align" not in off
     try:
         return UnitProgram(model, unit, weights, shape, provider=provider)
     finally:
-        _dwconv.IM2COL_BYTES = saved
+        _dwconv.IM2COL_BYTES, _dwconv.ALIGN_RANKS = saved
 
 
 def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
-    base = {(r["model"], r["index"]): r["ms_per_step"] for r in rows
-            if r["provider"] == PROVIDERS[0] and r["adjoint"] == "onnx-ad"}  # fmt: skip
-    cpu = {(r["model"], r["index"]): r["ms_per_step"] for r in rows
-           if r["provider"] == PROVIDERS[0] and r["adjoint"] == "im2col"}  # fmt: skip
-    reference = base or cpu
-    against = "CPU, onnx-ad's adjoint" if base else "CPU"
+    cpu = [r for r in rows if r["provider"] == PROVIDERS[0]]
+    base = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] != DEFAULT}
+    default = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] == DEFAULT}
+    reference = base or default
+    without = next((r["graph"] for r in cpu if r["graph"] != DEFAULT), "")
+    against = f"CPU row without {without}" if base else "CPU row"
     lines = [
         bd.mark(SECTION, "start"),
-        "## BRECQ units' training step: Conv weight adjoint and onnxruntime provider",
+        "## BRECQ units' training step: gradient-graph rewrites and onnxruntime provider",
         "",
         f"Produced by `{command}` on {facts['date']}. Machine: {facts['machine']}. Median of the timed "
         "steps (forward + onnx-ad gradient of the AdaRound loss, 4-bit weights, onnxruntime's default "
-        "threads); the variants of a unit took turns step by step. *Conv weight adjoint*: im2col + "
-        "matrix product (`reconstruct/_dwconv.py`, the default) or onnx-ad 0.3.0's own rule (a "
-        "convolution with an image-sized kernel; 1x1 and grouped Convs use the package's rules in "
-        f"both). *speed-up*: the {against} row's time over this row's.",
+        "threads); the variants of a unit took turns step by step. *gradient graph*: `default`, as "
+        "`--method brecq` builds it, or without the named rewrites of `reconstruct/_dwconv.py`: "
+        "`im2col` (the weight adjoint of a group-1 Conv other than 1x1 as im2col + matrix products; "
+        "without it, onnx-ad 0.3.0's own rule, a convolution with an image-sized kernel), "
+        "`rank-align` (lower-rank operands of broadcasting ops given full rank, "
+        f"`reconstruct/_rankalign.py`). *speed-up*: the {against}'s time over this row's.",
         "",
-        "| model | unit | unit input | weights | provider | Conv weight adjoint | ms / step | it/s "
-        "| speed-up |",
+        "| model | unit | unit input | weights | provider | gradient graph | ms / step | it/s | speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = reference[(r["model"], r["index"])] / r["ms_per_step"]
         lines.append(
             f"| {r['model']} | {r['index']}: {r['unit']} | {'x'.join(map(str, r['input']))} | {r['weights']} "
-            f"| {r['provider']} | {r['adjoint']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.1f} "
+            f"| {r['provider']} | {r['graph']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.1f} "
             f"| {ratio:.2f}x |"
         )
     if base:
@@ -159,9 +167,9 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
                   "iterations per unit times this sum):", ""]  # fmt: skip
         for model in dict.fromkeys(r["model"] for r in rows):
             old = sum(ms for (m, _), ms in base.items() if m == model)
-            new = sum(ms for (m, _), ms in cpu.items() if m == model)
+            new = sum(ms for (m, _), ms in default.items() if m == model)
             count = sum(1 for m, _ in base if m == model)
-            lines.append(f"- **{model}** ({count} units): onnx-ad's adjoint {old:.0f} ms, im2col "
+            lines.append(f"- **{model}** ({count} units): without {without} {old:.0f} ms, default "
                          f"{new:.0f} ms: speed-up **{old / new:.2f}x**.")  # fmt: skip
     if not any(r["provider"] == PROVIDERS[1] for r in rows):
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
@@ -170,11 +178,13 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
 
 def main() -> None:
     args = parse_args()
+    if bad := set(filter(None, args.without.split(","))) - set(REWRITES):
+        raise SystemExit(f"--without: unknown rewrite(s) {sorted(bad)}; choose from {', '.join(REWRITES)}")
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += time_units(
             args.bench_dir / "models" / f"{name}.onnx", args.units, args.batch, args.steps, args.warmup,
-            args.compare_adjoint,
+            args.without,
         )  # fmt: skip
     facts = bd.machine_facts()
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

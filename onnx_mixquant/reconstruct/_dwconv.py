@@ -32,7 +32,9 @@ from onnx import helper
 from onnx_ad import UnsupportedOperator, lower, rules
 from onnx_ad._build import attribute
 
-__all__ = ["IM2COL_BYTES", "differentiable", "grouped_conv_rule", "reverse"]
+from onnx_mixquant.reconstruct._rankalign import align_ranks
+
+__all__ = ["ALIGN_RANKS", "IM2COL_BYTES", "differentiable", "grouped_conv_rule", "reverse"]
 
 _LOCK = threading.Lock()
 #: Recurrent ops onnx-ad rewrites as a Scan over their equations before differentiating.
@@ -41,6 +43,9 @@ _RECURRENT = ("RNN", "GRU", "LSTM")
 #: larger one keeps onnx-ad's convolution form, which needs no such buffer. 9x the Conv input
 #: for a 3x3 kernel: EfficientNet-Lite0's stem at batch 32 builds 41 MiB.
 IM2COL_BYTES = 256 << 20
+#: Whether :func:`reverse` aligns the ranks of broadcasting operands (:mod:`._rankalign`); off only
+#: to measure it (``tools/bench_unit.py --without rank-align``).
+ALIGN_RANKS = True
 
 _Rule = Callable[[Any, Any, list[Any]], list[Any]]
 
@@ -73,7 +78,9 @@ def reverse(model: onnx.ModelProto, inputs: Sequence[str], output: str) -> onnx.
     - adjoints onnx-ad builds and then discards (of Clip's bounds, Pow's exponent): a third of an
       EfficientNet MBConv step;
     - its ReduceSums over axes of size 1 (no-ops; ~60 ms each on a 1x1 Conv's 0.4M-element V),
-      two thirds of a step on EfficientNet's head.
+      two thirds of a step on EfficientNet's head;
+
+    and with every lower-rank operand of a broadcasting op at full rank (:mod:`._rankalign`).
 
     The result has the seed input ``adj_<output>`` (shape ``[nadj]``) and, after ``model``'s own
     outputs, one output ``adj_<x>`` of shape ``x.shape + [nadj]`` per entry of ``inputs``.
@@ -88,6 +95,8 @@ def reverse(model: onnx.ModelProto, inputs: Sequence[str], output: str) -> onnx.
         if _noop_reduce(node) and not node.outputs[0].is_graph_output():
             node.outputs[0].replace_all_uses_with(node.inputs[0])  # type: ignore[arg-type]
             gradient.graph.remove(node, safe=True)
+    if ALIGN_RANKS:
+        align_ranks(gradient)
     onnx_ir.passes.common.RemoveUnusedNodesPass()(gradient)
     return ir.to_proto(gradient)
 

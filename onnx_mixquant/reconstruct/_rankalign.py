@@ -1,0 +1,100 @@
+"""Full-rank operands for the broadcasting element-wise ops of a gradient graph.
+
+onnxruntime's CPU broadcast loop is slow when a tensor whose last axis has size 1 meets an operand
+of lower rank: its inner span is then that one element. onnx-ad puts its seed axis last (size 1
+in BRECQ), so every adjoint tensor ends in a size-1 axis, as do the weights of 1x1 Convs, and
+their scalar operands (a ReLU adjoint's ``Where(mask, g, 0)``, the rounding regulariser's
+``Pow(u, beta)``, ...) hit that loop. Measured with onnxruntime 1.31 (2 threads): ``Mul`` of a
+``[320, 1152, 1]`` tensor by a scalar 4.1 ms, by the same scalar shaped ``[1, 1, 1]`` 0.10 ms; of a
+``[32, 32, 112, 112, 1]`` tensor 114 ms vs 8 ms without the trailing axis.
+
+ONNX broadcasting aligns shapes from the right, so giving the lower-rank operand leading 1s changes
+no value: a constant gets a reshaped copy, any other value an ``Unsqueeze``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["BROADCASTING", "align_ranks"]
+
+#: Element-wise ops whose inputs broadcast against each other (ONNX multidirectional or, for
+#: PRelu, unidirectional broadcasting).
+BROADCASTING = frozenset(
+    {
+        "Add", "And", "BitShift", "Div", "Equal", "Greater", "GreaterOrEqual", "Less",
+        "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum",
+        "Where", "Xor",
+    }
+)  # fmt: skip
+
+
+def align_ranks(model: ir.Model) -> int:
+    """Give every lower-rank input of a broadcasting op of ``model``'s main graph the rank of the
+    op's output (shapes must be inferred), in place; returns how many inputs changed.
+
+    Inputs of unknown rank, ops of unknown output rank and ops outside the default domain are left
+    as they are.
+    """
+    graph = model.graph
+    opset = model.opset_imports.get("", 0)
+    taken = {v.name for node in graph for v in node.outputs} | set(graph.initializers)
+    taken |= {v.name for v in graph.inputs}
+    reshaped: dict[tuple[int, int], ir.Value] = {}  # (id of the value, rank) -> its aligned copy
+    changed = 0
+
+    def fresh(stem: str) -> str:
+        name, k = stem, 0
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        return name
+
+    for node in list(graph):
+        if node.op_type not in BROADCASTING or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.outputs[0].shape
+        if out is None:
+            continue
+        rank = len(out)
+        for i, value in enumerate(node.inputs):
+            if value is None or value.shape is None or len(value.shape) >= rank:
+                continue
+            missing = rank - len(value.shape)
+            shape = ir.Shape([1] * missing + list(value.shape))
+            key = (id(value), rank)
+            if key in reshaped:  # made for an earlier node (graph order: it comes first)
+                node.replace_input_with(i, reshaped[key])
+            elif value.is_initializer() and value.const_value is not None:
+                array = value.const_value.numpy()
+                array = array.reshape((1,) * missing + array.shape)
+                name = fresh(f"{value.name}_rank{rank}")
+                new = ir.Value(
+                    name=name, const_value=ir.tensor(array, name=name), type=value.type, shape=shape
+                )
+                graph.register_initializer(new)
+                reshaped[key] = new
+                node.replace_input_with(i, new)
+            else:
+                if opset >= 13:
+                    axes_name = fresh(f"{value.name}_rank{rank}_axes")
+                    axes = ir.Value(
+                        name=axes_name,
+                        const_value=ir.tensor(np.arange(missing, dtype=np.int64), name=axes_name),
+                        type=ir.TensorType(ir.DataType.INT64),
+                        shape=ir.Shape([missing]),
+                    )
+                    graph.register_initializer(axes)
+                    unsqueeze = ir.node("Unsqueeze", [value, axes])
+                else:
+                    unsqueeze = ir.node("Unsqueeze", [value], {"axes": list(range(missing))})
+                unsqueeze.name = fresh(f"{value.name}_rank{rank}")
+                result = unsqueeze.outputs[0]
+                result.name, result.type, result.shape = unsqueeze.name, value.type, shape
+                graph.insert_before(node, unsqueeze)
+                reshaped[key] = result
+                node.replace_input_with(i, result)
+            changed += 1
+    return changed
