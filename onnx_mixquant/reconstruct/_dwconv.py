@@ -188,15 +188,7 @@ def _conv_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> lis
     hidden from it while it builds the input and bias adjoints, and added back here.
     """
     w = node.input[1]
-    adjoint: Callable[[Any, Any, str], str] | None = None
-    if not ctx.asked_for(w):
-        pass
-    elif attribute(node, "group", 1) != 1:
-        adjoint = _weight_adjoint
-    elif _pointwise(ctx, node):
-        adjoint = _pointwise_adjoint
-    elif _im2col(ctx, node):
-        adjoint = _im2col_adjoint
+    adjoint = _weight_rule(ctx, node)
     if adjoint is None:
         return original(ctx, node, grads)
     wanted = ctx.wanted
@@ -207,6 +199,18 @@ def _conv_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> lis
         ctx.wanted = wanted
     contributions[1] = adjoint(ctx, node, ctx.full(grads[0], node.output[0]))
     return contributions
+
+
+def _weight_rule(ctx: Any, node: Any) -> Callable[[Any, Any, str], str] | None:
+    """The adjoint builder of ``node``'s weight, or None where onnx-ad's rule stays (the weight is
+    not asked for, or a group-1 Conv's im2col matrix would not fit)."""
+    if not ctx.asked_for(node.input[1]):
+        return None
+    if attribute(node, "group", 1) != 1:
+        return _weight_adjoint
+    if _pointwise(ctx, node):
+        return _pointwise_adjoint
+    return _im2col_adjoint if _im2col(ctx, node) else None
 
 
 def _pointwise(ctx: Any, node: Any) -> bool:
