@@ -541,3 +541,40 @@ def test_conv_weight_rules_with_two_seeds(
     assert adj.shape == (*w_shape, 2)
     np.testing.assert_allclose(adj[..., 0], expect, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(adj[..., 1], -2 * expect, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_rule_on_a_1d_conv() -> None:
+    """The im2col weight adjoint of a 1-D Conv (stride 2, dilation 2, asymmetric pads) matches the
+    definition, seed by seed."""
+    from onnx_mixquant.reconstruct._dwconv import reverse
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3, 4, 11)).astype(np.float32)
+    w_shape, pads, stride, dil = (5, 4, 3), [2, 1], 2, 2
+    wo = (11 + sum(pads) - dil * 2 - 1) // stride + 1
+    r = rng.normal(size=(3, 5, wo)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], strides=[stride], pads=pads, dilations=[dil]),
+        helper.make_node("Mul", ["y", "r"], ["p"]),
+        helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv1d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(r, "r")],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    gradient = reverse(onnx.shape_inference.infer_shapes(proto), ["w"], "loss")
+    assert [n.op_type for n in gradient.graph.node].count("MatMul") == 1  # the im2col rule
+    sess = ort.InferenceSession(gradient.SerializeToString(), providers=[CPU])
+    w = rng.normal(size=w_shape).astype(np.float32)
+    (adj,) = sess.run(["adj_w"], {"x": x, "w": w, "adj_loss": np.array([1.0, -2.0], np.float32)})
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[1])))
+    expect = np.zeros(w_shape)
+    for m, c, k in np.ndindex(*w_shape):
+        expect[m, c, k] = (xp[:, c, k * dil : k * dil + stride * (wo - 1) + 1 : stride] * r[:, m]).sum()
+    np.testing.assert_allclose(adj[..., 0], expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(adj[..., 1], -2 * expect, rtol=1e-4, atol=1e-4)
