@@ -45,11 +45,19 @@ import onnx
 import onnxruntime as ort
 from PIL import Image
 
-import onnx_mixquant
-from onnx_mixquant import ImageSpec
-from onnx_mixquant.preprocess import IMAGE_SUFFIXES
-
+#: The checkout the tools belong to. Its package is imported ahead of any installed copy: an
+#: editable install points at one checkout, so a benchmark run from another worktree (and its
+#: ``--_one`` subprocesses) would otherwise measure the code of the first.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import onnx_mixquant  # noqa: E402
+from onnx_mixquant import ImageSpec  # noqa: E402
+from onnx_mixquant.preprocess import IMAGE_SUFFIXES  # noqa: E402
+
+if Path(onnx_mixquant.__file__).resolve().parent.parent != REPO_ROOT:
+    raise SystemExit(f"benchmark tools: onnx_mixquant came from {onnx_mixquant.__file__}, not {REPO_ROOT}")
+
 #: Bump when a preprocessing function changes, so stale caches are not reused.
 PREP_VERSION = 2
 CIFAR_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
