@@ -131,14 +131,19 @@ def _program(model: Any, unit: Any, weights: list[UnitWeight], shape: tuple[int,
         _dwconv.IM2COL_BYTES, _dwconv.ALIGN_RANKS = saved
 
 
+def _label(graph: str) -> str:
+    """A row's gradient graph for the table: "default" or "without im2col, rank-align"."""
+    return graph if graph == DEFAULT else "without " + ", ".join(graph.split(","))
+
+
 def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
     cpu = [r for r in rows if r["provider"] == PROVIDERS[0]]
     base = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] != DEFAULT}
     default = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] == DEFAULT}
     reference = base or default
-    without = next((r["graph"] for r in cpu if r["graph"] != DEFAULT), "")
-    against = f"CPU row without {without}" if base else "CPU row"
+    without = next((_label(r["graph"]) for r in cpu if r["graph"] != DEFAULT), "")
+    against = f"the time of the CPU row {without}" if base else "the time of the CPU row"
     lines = [
         bd.mark(SECTION, "start"),
         "## BRECQ units' training step: gradient-graph rewrites and onnxruntime provider",
@@ -150,17 +155,17 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
         "`im2col` (the weight adjoint of a group-1 Conv other than 1x1 as im2col + matrix products; "
         "without it, onnx-ad 0.3.0's own rule, a convolution with an image-sized kernel), "
         "`rank-align` (lower-rank operands of broadcasting ops given full rank, "
-        f"`reconstruct/_rankalign.py`). *speed-up*: the {against}'s time over this row's.",
+        f"`reconstruct/_rankalign.py`). *speed-up*: {against} over this row's.",
         "",
         "| model | unit | unit input | weights | provider | gradient graph | ms / step | it/s | speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = reference[(r["model"], r["index"])] / r["ms_per_step"]
+        ms = r["ms_per_step"]
         lines.append(
             f"| {r['model']} | {r['index']}: {r['unit']} | {'x'.join(map(str, r['input']))} | {r['weights']} "
-            f"| {r['provider']} | {r['graph']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.1f} "
-            f"| {ratio:.2f}x |"
+            f"| {r['provider']} | {_label(r['graph'])} | {ms:.1f} | {1000 / ms:.1f} | {ratio:.2f}x |"
         )
     if base:
         lines += ["", "Sum of the units' median steps on CPU (a BRECQ run's training time is about the "
@@ -169,7 +174,7 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
             old = sum(ms for (m, _), ms in base.items() if m == model)
             new = sum(ms for (m, _), ms in default.items() if m == model)
             count = sum(1 for m, _ in base if m == model)
-            lines.append(f"- **{model}** ({count} units): without {without} {old:.0f} ms, default "
+            lines.append(f"- **{model}** ({count} units): {without} {old:.0f} ms, default "
                          f"{new:.0f} ms: speed-up **{old / new:.2f}x**.")  # fmt: skip
     if not any(r["provider"] == PROVIDERS[1] for r in rows):
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
