@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ __all__ = [
     "find_weight_sites",
     "first_reader",
     "load_model",
+    "name_maker",
     "node_names",
     "read_model",
     "weight_array",
@@ -185,6 +186,20 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         end, size = (tensor.offset or 0) + (tensor.length or 0), data.stat().st_size
         if end > size:
             raise ModelLoadError(f"{path}: {where} is too short ({size} < {end} bytes)")
+
+
+def name_maker(taken: set[str | None]) -> Callable[[str], str]:
+    """Fresh names outside ``taken``, which each new name joins: ``stem``, else ``stem_1``, ``stem_2``, ..."""
+
+    def name(stem: str) -> str:
+        fresh, i = stem, 0
+        while fresh in taken:
+            i += 1
+            fresh = f"{stem}_{i}"
+        taken.add(fresh)
+        return fresh
+
+    return name
 
 
 def node_names(model: ir.Model) -> dict[ir.Node, str]:

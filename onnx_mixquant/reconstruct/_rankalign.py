@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnx_mixquant.graph import name_maker
+
 __all__ = ["BROADCASTING", "align_ranks"]
 
 #: Element-wise ops whose inputs broadcast against each other (ONNX multidirectional or, for
@@ -39,18 +41,10 @@ def align_ranks(model: ir.Model) -> int:
     """
     graph = model.graph
     opset = model.opset_imports.get("", 0)
-    taken = {v.name for node in graph for v in node.outputs} | set(graph.initializers)
-    taken |= {v.name for v in graph.inputs}
+    taken: set[str | None] = {v.name for node in graph for v in node.outputs}
+    fresh = name_maker(taken | {v.name for v in graph.inputs} | set(graph.initializers))
     reshaped: dict[tuple[int, int], ir.Value] = {}  # (id of the value, rank) -> its aligned copy
     changed = 0
-
-    def fresh(stem: str) -> str:
-        name, k = stem, 0
-        while name in taken:
-            k += 1
-            name = f"{stem}_{k}"
-        taken.add(name)
-        return name
 
     for node in list(graph):
         if node.op_type not in BROADCASTING or node.domain not in ("", "ai.onnx"):

@@ -33,7 +33,7 @@ import onnx_ir.passes.common
 from onnx.reference import ReferenceEvaluator
 
 from onnx_mixquant.errors import UnsupportedModelError
-from onnx_mixquant.graph import default_opset
+from onnx_mixquant.graph import default_opset, name_maker
 from onnx_mixquant.reconstruct._common import softmax
 from onnx_mixquant.reconstruct._dwconv import reverse
 from onnx_mixquant.reconstruct.adaround import _LEVEL, _session
@@ -149,7 +149,7 @@ def _cut(model: ir.Model, tensor: str, batch: int, dtype: np.dtype) -> tuple[ir.
     if old.dtype is not None and old.dtype != float_type:
         raise UnsupportedModelError(f"--fisher: tensor {tensor!r} is {old.dtype}, not {float_type}")
     taken = {v.name for n in graph.all_nodes() for v in (*n.inputs, *n.outputs) if v}
-    names = _namer(taken | set(candidates) | set(graph.initializers))
+    names = name_maker(taken | set(candidates) | set(graph.initializers))
     old.name = names(f"{tensor}__cut")
     cut = ir.val(tensor, float_type, _batched(old, batch, tensor))
     graph.outputs.clear()  # replace_all_uses_with refuses graph outputs
@@ -202,20 +202,6 @@ def _logits(graph: ir.Graph) -> tuple[ir.Value, int]:
         raise UnsupportedModelError(f"--fisher needs a classifier whose first output is [batch, classes]"
                                     f" logits; output {name!r} has shape {shape}")  # fmt: skip
     return logits, shape[1]
-
-
-def _namer(taken: set[str | None]) -> Callable[[str], str]:
-    """Fresh value names: ``stem``, else ``stem_1``, ``stem_2``, ..."""
-
-    def name(stem: str) -> str:
-        fresh, i = stem, 0
-        while fresh in taken:
-            i += 1
-            fresh = f"{stem}_{i}"
-        taken.add(fresh)
-        return fresh
-
-    return name
 
 
 def _append_loss(
