@@ -461,6 +461,29 @@ def _weight_grad(x: np.ndarray, r: np.ndarray, shape: tuple[int, ...], group: in
     return dw
 
 
+def _conv_gradient(
+    conv: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], r: np.ndarray
+) -> onnx.ModelProto:
+    """_dwconv.reverse of ``loss = sum(r * conv(x, w))`` with respect to ``w``."""
+    from onnx_mixquant.reconstruct._dwconv import reverse
+
+    nodes = [
+        conv,
+        helper.make_node("Mul", ["y", "r"], ["p"]),
+        helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(r, "r")],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return reverse(onnx.shape_inference.infer_shapes(proto), ["w"], "loss")
+
+
 @pytest.mark.parametrize(
     ("c", "m", "k", "h", "group", "stride", "pads", "dil"),
     [
@@ -491,7 +514,6 @@ def test_conv_weight_rules_with_two_seeds(
     """The rules of _dwconv match the definition, per seed (adj_loss = [1, -2]); each case runs the
     rule its comment names (dil = 0: dilation 1 with IM2COL_BYTES = 0)."""
     from onnx_mixquant.reconstruct import _dwconv
-    from onnx_mixquant.reconstruct._dwconv import reverse
 
     if dil == 0:
         monkeypatch.setattr(_dwconv, "IM2COL_BYTES", 0)
@@ -505,21 +527,7 @@ def test_conv_weight_rules_with_two_seeds(
     ho = (h + pads[0] + pads[2] - dil * (k - 1) - 1) // stride + 1
     wo = (h + pads[1] + pads[3] - dil * (k - 1) - 1) // stride + 1
     r = rng.normal(size=(3, m, ho, wo)).astype(np.float32)
-    nodes = [
-        conv,
-        helper.make_node("Mul", ["y", "r"], ["p"]),
-        helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)],
-        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
-        initializer=[numpy_helper.from_array(r, "r")],
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    gradient = reverse(onnx.shape_inference.infer_shapes(proto), ["w"], "loss")
+    gradient = _conv_gradient(conv, x.shape, w_shape, r)
     ops = [node.op_type for node in gradient.graph.node]
     if group > 1:
         rule = "grouped"
@@ -546,28 +554,14 @@ def test_conv_weight_rules_with_two_seeds(
 def test_im2col_rule_on_a_1d_conv() -> None:
     """The im2col weight adjoint of a 1-D Conv (stride 2, dilation 2, asymmetric pads) matches the
     definition, seed by seed."""
-    from onnx_mixquant.reconstruct._dwconv import reverse
 
     rng = np.random.default_rng(11)
     x = rng.normal(size=(3, 4, 11)).astype(np.float32)
     w_shape, pads, stride, dil = (5, 4, 3), [2, 1], 2, 2
     wo = (11 + sum(pads) - dil * 2 - 1) // stride + 1
     r = rng.normal(size=(3, 5, wo)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["y"], strides=[stride], pads=pads, dilations=[dil]),
-        helper.make_node("Mul", ["y", "r"], ["p"]),
-        helper.make_node("ReduceSum", ["p"], ["loss"], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "conv1d",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)],
-        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
-        initializer=[numpy_helper.from_array(r, "r")],
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    gradient = reverse(onnx.shape_inference.infer_shapes(proto), ["w"], "loss")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], strides=[stride], pads=pads, dilations=[dil])
+    gradient = _conv_gradient(conv, x.shape, w_shape, r)
     assert [n.op_type for n in gradient.graph.node].count("MatMul") == 1  # the im2col rule
     sess = ort.InferenceSession(gradient.SerializeToString(), providers=[CPU])
     w = rng.normal(size=w_shape).astype(np.float32)
