@@ -302,8 +302,28 @@ def machine_facts() -> dict[str, Any]:
         "onnx": onnx.__version__,
         "numpy": np.__version__,
         "onnx_mixquant": onnx_mixquant.__version__,
+        "commit": code_commit(),
         "ort_provider": "CPUExecutionProvider",
     }
+
+
+def code_commit() -> str | None:
+    """The commit of :data:`REPO_ROOT` the package code comes from, ``+changes`` when
+    ``onnx_mixquant/`` differs from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "onnx_mixquant"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
+def code_version(machine: dict[str, Any]) -> str:
+    """``onnx_mixquant VERSION``, with the commit where the run recorded one."""
+    commit = machine.get("commit")
+    return f"onnx_mixquant {machine['onnx_mixquant']}" + (f" (commit {commit})" if commit else "")
 
 
 # ---------------------------------------------------------------------------------------------

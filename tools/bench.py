@@ -442,7 +442,7 @@ def render_section(runs: list[ModelRun], meta: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
         f"{m['onnxruntime']} ({m['ort_provider']}, {m['ort_graph_optimization_level']}, "
         f"{m['ort_intra_op_num_threads']} intra-op threads, batch {m['batch']}), onnx {m['onnx']}, "
-        f"onnx_mixquant {m['onnx_mixquant']}.",
+        f"{bd.code_version(m)}.",
         "",
         "All methods quantize weights only (asymmetric, per output channel, min-max, nearest "
         "rounding), activations stay float. *avg bits* is the parameter-weighted mean width; "

@@ -810,7 +810,7 @@ def run_lines(doc: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
             f"{s['samples']} samples, batch {s['batch']}; eval images {s['eval_limit'] or 'all'}). "
             f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, onnxruntime "
             f"{m['onnxruntime']} ({m['eval_ort']}), onnx {m['onnx']}, numpy {m['numpy']}, "
-            f"onnx_mixquant {m['onnx_mixquant']}."
+            f"{bd.code_version(m)}."
         )
     return lines, run_no
 

@@ -787,7 +787,7 @@ def render_section(runs: list[ModelRun], rss: dict[str, Any] | None, meta: dict[
         f"{m['onnxruntime']} ({m['ort_provider']}, ORT_ENABLE_ALL, {m['ort_intra_op_num_threads']} "
         f"intra-op threads; eval batch {meta['batch']}; latency batch 1, {meta['latency_runs']} timed "
         f"runs per model), onnx {m['onnx']}, numpy {m['numpy']}, "
-        f"onnx_mixquant {m['onnx_mixquant']}.",
+        f"{bd.code_version(m)}.",
         "",
         NOTES.format(
             rounds=meta["latency_rounds"],

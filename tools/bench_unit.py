@@ -194,7 +194,7 @@ def main() -> None:
     facts = bd.machine_facts()
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cores, versions = f"{facts['nproc']} CPU cores ({facts['cpu']})", f"Python {facts['python']}"
-    facts["machine"] = f"{cores}, {versions}, onnxruntime {facts['onnxruntime']}"
+    facts["machine"] = f"{cores}, {versions}, onnxruntime {facts['onnxruntime']}, {bd.code_version(facts)}"
     command = " ".join(["python", "tools/bench_unit.py", *sys.argv[1:]])
     text = render(rows, command, facts)
     old = args.out.read_text() if args.out.is_file() else None
