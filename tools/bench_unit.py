@@ -42,7 +42,7 @@ from onnx_mixquant.reconstruct.blocks import partition
 from onnx_mixquant.reconstruct.train import _without_zero_pads
 from onnx_mixquant.validate import available_providers
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = bd.REPO_ROOT
 SECTION = "unit"
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 #: Gradient-graph rewrites of reconstruct/_dwconv.py that --without can leave out.
@@ -183,8 +183,10 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
 
 def main() -> None:
     args = parse_args()
-    if bad := set(filter(None, args.without.split(","))) - set(REWRITES):
+    off = [name for name in args.without.split(",") if name]
+    if bad := set(off) - set(REWRITES):
         raise SystemExit(f"--without: unknown rewrite(s) {sorted(bad)}; choose from {', '.join(REWRITES)}")
+    args.without = ",".join(off)  # "im2col," -> "im2col": the variant's label and key
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += time_units(
