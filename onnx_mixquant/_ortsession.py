@@ -2,16 +2,21 @@
 
 onnxruntime-gpu lists CUDAExecutionProvider even where CUDA cannot run (no GPU, missing CUDA
 libraries) and then falls back to the CPU with an error log, so :func:`available_providers` probes
-CUDA once per process with a tiny model, onnxruntime's logger silenced. :func:`open_session` opens a
+CUDA once per process by running a tiny Conv (so cuDNN loads too), onnxruntime's logger silenced,
+and once more after ``onnxruntime.preload_dlls()`` where the first try failed. :func:`open_session` opens a
 model file on one provider (CPU as fallback) at an explicit graph optimisation level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
+import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -28,37 +33,76 @@ _ORT_DEFAULT_SEVERITY = 2
 _ORT_FATAL = 4
 
 
-def _identity_model_bytes() -> bytes:
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
-    node = ir.node("Identity", inputs=[x])
+def _probe_model_bytes() -> bytes:
+    """A 1x1 Conv of a 1x1 image. Opening a session on it loads the CUDA provider library (cuBLAS,
+    cudart); running it loads cuDNN, which onnxruntime opens only at the first convolution."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 1, 1, 1]))
+    w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 1, 1, 1]))
+    w.const_value = ir.tensor(np.full((1, 1, 1, 1), 2.0, np.float32), name="w")
+    node = ir.node("Conv", inputs=[x, w])
     y = node.outputs[0]
-    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([1])
-    graph = ir.Graph(inputs=[x], outputs=[y], nodes=[node], opset_imports={"": 13}, name="probe")
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, 1, 1, 1])
+    graph = ir.Graph(
+        inputs=[x], outputs=[y], nodes=[node], initializers=[w], opset_imports={"": 13}, name="probe"
+    )
     return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
+
+
+def _cuda_runs() -> bool:
+    """Open and run the probe model on CUDA alone; True when CUDA computed its output."""
+    so = ort.SessionOptions()
+    so.log_severity_level = _ORT_FATAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(_probe_model_bytes(), sess_options=so, providers=[CUDA])
+        if sess.get_providers()[0] != CUDA:
+            logger.debug("CUDA probe: session runs on %s", sess.get_providers())
+            return False
+        (y,) = sess.run(None, {"x": np.full((1, 1, 1, 1), 3.0, np.float32)})
+    except Exception as e:  # any failure to open or run the probe means no CUDA
+        logger.debug("CUDA probe failed: %s", first_line(e))
+        return False
+    logger.debug("CUDA probe: Conv ran on CUDA, output %s", np.ravel(y))
+    return bool(np.ravel(y)[0] == 6.0)
+
+
+def _preload_cuda_libraries() -> None:
+    """``onnxruntime.preload_dlls()``: load CUDA and cuDNN from pip's ``nvidia-*`` wheels (those
+    ``onnxruntime-gpu[cuda,cudnn]`` or PyTorch installed) when they are not on the loader's path.
+    It reports what it could not load with ``print``; that goes to the debug log instead."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime < 1.21
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload()
+        except Exception as e:  # a failed preload only means the probe fails again
+            logger.debug("onnxruntime.preload_dlls() failed: %s", first_line(e))
+    if text := printed.getvalue().strip():
+        logger.debug("onnxruntime.preload_dlls(): %s", " | ".join(text.splitlines()))
 
 
 @functools.cache
 def _cuda_works() -> bool:
-    """Open a tiny session on CUDA, onnxruntime's logger silenced; True when CUDA really runs it.
+    """Open and run a tiny Conv on CUDA, onnxruntime's logger silenced; True when CUDA really runs it.
 
-    The "cannot load libcublasLt" error is written by onnxruntime's *default* logger while loading
-    the provider library, so SessionOptions.log_severity_level alone does not silence it; the
-    default severity is raised to FATAL for the probe and reset to onnxruntime's default after
-    (the Python API offers no getter to restore a user-set value).
+    When the first try fails (CUDA or cuDNN not on the loader's path), onnxruntime's
+    ``preload_dlls`` loads them from pip's ``nvidia-*`` wheels, where present, and the probe runs
+    once more. The "cannot load libcublasLt" error is written by onnxruntime's *default* logger
+    while loading the provider library, so SessionOptions.log_severity_level alone does not
+    silence it; the default severity is raised to FATAL for the probe and reset to onnxruntime's
+    default after (the Python API offers no getter to restore a user-set value).
     """
     if CUDA not in ort.get_available_providers():
         return False
-    so = ort.SessionOptions()
-    so.log_severity_level = _ORT_FATAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ort.set_default_logger_severity(_ORT_FATAL)
     try:
-        sess = ort.InferenceSession(_identity_model_bytes(), sess_options=so, providers=[CUDA])
-        logger.debug("CUDA probe: session runs on %s", sess.get_providers())
-        return sess.get_providers()[0] == CUDA
-    except Exception as e:  # any failure to open the probe means no CUDA
-        logger.debug("CUDA probe failed: %s", e)
-        return False
+        if _cuda_runs():
+            return True
+        _preload_cuda_libraries()
+        return _cuda_runs()
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 

@@ -16,6 +16,7 @@ from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError
 from onnx_mixquant.graph import ModelInput
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 CFG = ValidateConfig(try_cuda=False)
 HAS_GPU = os.path.exists("/dev/nvidiactl")
 
@@ -206,3 +207,60 @@ def test_cuda_probe_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
     # onnxruntime-gpu logs "Failed to load libcublasLt" from C++ to fd 2 unless its default
     # logger is silenced; capfd sees fd-level output, so this checks the C++ logger too.
     assert out == "" and err == ""
+
+
+def test_cuda_probe_retries_after_preloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed probe loads CUDA/cuDNN from pip's nvidia wheels (preload_dlls) and probes once more;
+    a probe that works first time preloads nothing."""
+    from onnx_mixquant import _ortsession as S
+
+    monkeypatch.setattr(S.ort, "get_available_providers", lambda: [CUDA, CPU])
+    preloads: list[int] = []
+    monkeypatch.setattr(S.ort, "preload_dlls", lambda: preloads.append(1), raising=False)
+    cases = (([False, True], True, 1), ([False, False], False, 1), ([True], True, 0))
+    for answers, works, preloaded in cases:
+        preloads.clear()
+        calls = iter(answers)
+        monkeypatch.setattr(S, "_cuda_runs", lambda calls=calls: next(calls))
+        S._cuda_works.cache_clear()
+        assert S._cuda_works() is works
+        assert len(preloads) == preloaded
+        assert next(calls, None) is None  # every answer was asked for, no more
+    S._cuda_works.cache_clear()
+
+
+def test_preload_prints_go_to_the_debug_log(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime.preload_dlls reports missing libraries with print() and warnings; neither may
+    reach the user's terminal (they are expected on CPU-only machines)."""
+    import warnings
+
+    from onnx_mixquant import _ortsession as S
+
+    def noisy() -> None:
+        print("Failed to load libcudart.so.13: cannot open shared object file")
+        warnings.warn("Failed to register bundled CUDA plugin EP", stacklevel=1)
+
+    monkeypatch.setattr(S.ort, "preload_dlls", noisy, raising=False)
+    with caplog.at_level("DEBUG", logger=S.__name__):
+        S._preload_cuda_libraries()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert "Failed to load libcudart.so.13" in caplog.text
+
+
+def test_cuda_probe_runs_a_conv() -> None:
+    """The probe model is a valid Conv whose output the probe checks (2 * 3 = 6), so a session
+    that opens but cannot run a convolution (cuDNN missing) counts as no CUDA."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnx_mixquant import _ortsession as S
+
+    model = onnx.load_from_string(S._probe_model_bytes())
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    (y,) = sess.run(None, {"x": np.full((1, 1, 1, 1), 3.0, np.float32)})
+    assert y.ravel().tolist() == [6.0]

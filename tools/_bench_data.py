@@ -304,12 +304,26 @@ def machine_facts() -> dict[str, Any]:
         "onnx_mixquant": onnx_mixquant.__version__,
         "commit": code_commit(),
         "ort_provider": "CPUExecutionProvider",
+        "gpu": gpu_name(),
     }
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi``; None where there is none (or no driver tools)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def code_commit() -> str | None:
     """The commit of :data:`REPO_ROOT` the package code comes from, ``+changes`` when
-    ``onnx_mixquant/`` differs from it; None outside a git checkout."""
+    ``onnx_mixquant/`` differs from it; outside a git checkout (a copy of the tree, as on a lent
+    GPU machine) the environment's ``BENCH_COMMIT``, else None."""
+    if not (REPO_ROOT / ".git").exists():
+        return os.environ.get("BENCH_COMMIT") or None
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip

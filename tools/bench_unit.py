@@ -14,6 +14,7 @@ run (raw: ``benchmarks/unit.json``)::
     python tools/bench_unit.py                                  # resnet20 unit 1, efficientnet unit 1
     python tools/bench_unit.py --models efficientnet_lite0 --units 3 --batch 8
     python tools/bench_unit.py --models resnet20_cifar10 --units all --without im2col,rank-align
+    python tools/bench_unit.py --units all --section unit-cuda     # on a GPU machine: CUDA vs CPU
 
 The CPU provider runs with onnxruntime's default threads (all cores); CUDA rows appear only where
 ``onnx_mixquant.validate.available_providers(True)`` opened a CUDA session (onnxruntime-gpu and a GPU).
@@ -64,6 +65,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--bench-dir", type=Path, default=REPO_ROOT.parent / "shared" / "bench")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--section",
+        default=SECTION,
+        help=f"BENCHMARKS.md section bench:NAME and raw file benchmarks/NAME.json (default {SECTION})",
+    )
     return p.parse_args()
 
 
@@ -136,7 +142,7 @@ def _label(graph: str) -> str:
     return graph if graph == DEFAULT else "without " + ", ".join(graph.split(","))
 
 
-def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> str:
+def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], section: str = SECTION) -> str:
     """The BENCHMARKS.md section."""
     cpu = [r for r in rows if r["provider"] == PROVIDERS[0]]
     base = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] != DEFAULT}
@@ -144,9 +150,11 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
     reference = base or default
     without = next((_label(r["graph"]) for r in cpu if r["graph"] != DEFAULT), "")
     against = f"the time of the CPU row {without}" if base else "the time of the CPU row"
+    cuda = {(r["model"], r["index"]): r["ms_per_step"] for r in rows if r["provider"] == PROVIDERS[1]}
+    title = "CUDA against CPU" if cuda and not base else "gradient-graph rewrites and onnxruntime provider"
     lines = [
-        bd.mark(SECTION, "start"),
-        "## BRECQ units' training step: gradient-graph rewrites and onnxruntime provider",
+        bd.mark(section, "start"),
+        f"## BRECQ units' training step: {title}",
         "",
         f"Produced by `{command}` on {facts['date']}. Machine: {facts['machine']}. Median of the timed "
         "steps (forward + onnx-ad gradient of the AdaRound loss, 4-bit weights, onnxruntime's default "
@@ -176,9 +184,17 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any]) -> s
             count = sum(1 for m, _ in base if m == model)
             lines.append(f"- **{model}** ({count} units): {without} {old:.0f} ms, default "
                          f"{new:.0f} ms: speed-up **{old / new:.2f}x**.")  # fmt: skip
-    if not any(r["provider"] == PROVIDERS[1] for r in rows):
+    if cuda:
+        lines += ["", f"Sum of the units' median steps, CPU against CUDA ({facts.get('gpu') or 'GPU'}):", ""]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            on_cpu = sum(ms for (m, _), ms in default.items() if m == model)
+            on_cuda = sum(ms for (m, _), ms in cuda.items() if m == model)
+            count = sum(1 for m, _ in cuda if m == model)
+            lines.append(f"- **{model}** ({count} units): CPU {on_cpu:.0f} ms, CUDA {on_cuda:.0f} ms: "
+                         f"CUDA speed-up **{on_cpu / on_cuda:.2f}x**.")  # fmt: skip
+    else:
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
-    return "\n".join([*lines, "", bd.mark(SECTION, "end"), ""])
+    return "\n".join([*lines, "", bd.mark(section, "end"), ""])
 
 
 def main() -> None:
@@ -196,12 +212,15 @@ def main() -> None:
     facts = bd.machine_facts()
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cores, versions = f"{facts['nproc']} CPU cores ({facts['cpu']})", f"Python {facts['python']}"
-    facts["machine"] = f"{cores}, {versions}, onnxruntime {facts['onnxruntime']}, {bd.code_version(facts)}"
+    gpu = f", GPU {facts['gpu']}" if facts.get("gpu") else ""
+    facts["machine"] = (
+        f"{cores}{gpu}, {versions}, onnxruntime {facts['onnxruntime']}, {bd.code_version(facts)}"
+    )
     command = " ".join(["python", "tools/bench_unit.py", *sys.argv[1:]])
-    text = render(rows, command, facts)
+    text = render(rows, command, facts, args.section)
     old = args.out.read_text() if args.out.is_file() else None
-    bd.write_atomic(args.out, bd.merge_section(old, text, SECTION).encode())
-    raw = args.out.parent / "benchmarks" / "unit.json"
+    bd.write_atomic(args.out, bd.merge_section(old, text, args.section).encode())
+    raw = args.out.parent / "benchmarks" / f"{args.section}.json"
     raw.parent.mkdir(exist_ok=True)
     bd.write_atomic(
         raw, (json.dumps({"command": command, "machine": facts, "rows": rows}, indent=1) + "\n").encode()
