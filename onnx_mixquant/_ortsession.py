@@ -49,12 +49,19 @@ def _probe_model_bytes() -> bytes:
 
 
 def _cuda_runs() -> bool:
-    """Open and run the probe model on CUDA alone; True when CUDA computed its output."""
+    """Open and run the probe model on CUDA alone; True when CUDA computed its output.
+
+    Where the CUDA provider loads but finds no device (``CUDA_VISIBLE_DEVICES=``), onnxruntime's
+    Python API prints an "EP Error ... Falling back to CPUExecutionProvider" banner to stdout and
+    opens the session on the CPU; that text goes to the debug log instead.
+    """
     so = ort.SessionOptions()
     so.log_severity_level = _ORT_FATAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    printed = io.StringIO()
     try:
-        sess = ort.InferenceSession(_probe_model_bytes(), sess_options=so, providers=[CUDA])
+        with contextlib.redirect_stdout(printed):
+            sess = ort.InferenceSession(_probe_model_bytes(), sess_options=so, providers=[CUDA])
         if sess.get_providers()[0] != CUDA:
             logger.debug("CUDA probe: session runs on %s", sess.get_providers())
             return False
@@ -62,6 +69,9 @@ def _cuda_runs() -> bool:
     except Exception as e:  # any failure to open or run the probe means no CUDA
         logger.debug("CUDA probe failed: %s", first_line(e))
         return False
+    finally:
+        if text := printed.getvalue().strip():
+            logger.debug("CUDA probe, onnxruntime printed: %s", " | ".join(text.splitlines()))
     logger.debug("CUDA probe: Conv ran on CUDA, output %s", np.ravel(y))
     return bool(np.ravel(y)[0] == 6.0)
 

@@ -264,3 +264,27 @@ def test_cuda_probe_runs_a_conv() -> None:
     sess = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
     (y,) = sess.run(None, {"x": np.full((1, 1, 1, 1), 3.0, np.float32)})
     assert y.ravel().tolist() == [6.0]
+
+
+def test_cuda_probe_keeps_onnxruntime_fallback_banner_off_stdout(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the CUDA provider loadable but no device (CUDA_VISIBLE_DEVICES=), onnxruntime's Python
+    API prints an "EP Error ... Falling back" banner and opens the session on the CPU (seen on a
+    GPU machine); the probe answers False and the banner goes to the debug log only."""
+    from onnx_mixquant import _ortsession as S
+
+    real = S.ort.InferenceSession
+
+    def falling_back(model: bytes, sess_options: object, providers: list[str]) -> object:
+        print("*************** EP Error ***************")
+        print(f"EP Error CUDA failure 100: no CUDA-capable device is detected when using {providers}")
+        print("Falling back to ['CPUExecutionProvider'] and retrying.")
+        return real(model, sess_options=sess_options, providers=[CPU])
+
+    monkeypatch.setattr(S.ort, "InferenceSession", falling_back)
+    with caplog.at_level("DEBUG", logger=S.__name__):
+        assert S._cuda_runs() is False
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert "no CUDA-capable device is detected" in caplog.text

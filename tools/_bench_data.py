@@ -320,10 +320,10 @@ def gpu_name() -> str | None:
 
 def code_commit() -> str | None:
     """The commit of :data:`REPO_ROOT` the package code comes from, ``+changes`` when
-    ``onnx_mixquant/`` differs from it; outside a git checkout (a copy of the tree, as on a lent
-    GPU machine) the environment's ``BENCH_COMMIT``, else None."""
-    if not (REPO_ROOT / ".git").exists():
-        return os.environ.get("BENCH_COMMIT") or None
+    ``onnx_mixquant/`` differs from it; None outside a git checkout. The environment's
+    ``BENCH_COMMIT`` wins: a copy of the tree on a lent GPU machine can carry a stale ``.git``."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip

@@ -1,0 +1,173 @@
+"""Record a lent GPU machine's run of tools/cuda_check.sh: BRECQ on CUDA against CPU, evaluated here.
+
+Dev-only. ``tools/cuda_check.sh`` (on the GPU machine) times the BRECQ units' training steps on both
+providers (``tools/bench_unit.py --section unit-cuda``) and runs the CLI on ResNet-20 (MixQuant +
+BRECQ, ``cpu-fast`` preset, 4 average weight bits, 8-bit activations) once on CUDA and once with
+CUDA hidden, writing ``r20_cuda.*`` / ``r20_cpu.*`` (model and ``--report``) and ``log.txt``. This
+script evaluates the two quantized models on the whole CIFAR-10 test split here (CPU) against the
+FP32 model, and writes two BENCHMARKS.md sections: ``bench:unit-cuda``, re-rendered from the run's
+``benchmarks/unit-cuda.json``, and ``bench:cuda-e2e`` (raw: ``benchmarks/unit-cuda.json``,
+``benchmarks/cuda_e2e.json``)::
+
+    python tools/bench_cuda.py --runs /work/.device/4 --commit bc4ba9f
+
+``--commit`` names the commit the machine ran, where the copy of the tree it ran carried a stale
+``.git`` (the device tool sends the session's starting ``.git`` with the current files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import _bench_data as bd
+import bench_unit
+import numpy as np
+
+SECTION = "cuda-e2e"
+MODEL = "resnet20_cifar10"
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+#: The CLI's arguments in tools/cuda_check.sh, as a user would type them (paths shortened).
+CLI = (
+    "onnx-mixquant resnet20_cifar10.onnx out.onnx --calib cifar10/calib --mean 0.485,0.456,0.406 "
+    "--std 0.229,0.224,0.225 --target-bits 4 --method brecq --recon-preset cpu-fast"
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = bd.new_parser(__doc__ or "")
+    p.add_argument("--runs", type=Path, required=True, help="the folder cuda_check.sh's $OUT came back to")
+    p.add_argument("--commit", help="the commit the GPU machine ran (replaces the one it recorded)")
+    p.add_argument("--eval-batch", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
+    bd.add_io_args(p, "no effect (kept for the common options)", "cuda_e2e.json")
+    args = p.parse_args()
+    bd.default_outputs(args, "cuda_e2e.json")
+    return args
+
+
+def walls(log: str) -> dict[str, float]:
+    """The CLI's wall seconds per provider key, from cuda_check.sh's ``E2E <key> rc=0 wall S s`` lines."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"^E2E (\w+) rc=0 wall ([\d.]+) s$", log, re.MULTILINE)}
+
+
+def provider_row(key: str, runs: Path, wall: float | None) -> dict[str, Any]:
+    """One provider's run: its report's timings and BRECQ rates (evaluation is added later)."""
+    report = json.loads((runs / f"r20_{key}.json").read_text())
+    recon = report["reconstruction"]
+    if recon["provider"] != PROVIDERS[key]:
+        raise SystemExit(f"r20_{key}.json: BRECQ ran on {recon['provider']}, expected {PROVIDERS[key]}")
+    rates = [u["iters_per_second"] for u in recon["units"] if u["rounding"] == "learned"]
+    return {
+        "provider": recon["provider"],
+        "wall_s": wall,
+        "stages_s": sum(report["timings_s"].values()),
+        "reconstruct_s": report["timings_s"]["reconstruct"],
+        "median_iters_per_s": statistics.median(rates),
+        "units_learned": len(rates),
+        "units": len(recon["units"]),
+        "iters": recon["iters"],
+        "average_bits": report["average_bits"],
+    }
+
+
+def evaluate(rows: dict[str, dict[str, Any]], runs: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Top-1, agreement and KL with the FP32 model for each row; the FP32 numbers; paired CUDA - CPU."""
+    data = bd.load_eval_set(args.bench_dir, "cifar10", args.cache_dir)
+    fp32 = bd.predict(bd.make_session(args.bench_dir / "models" / f"{MODEL}.onnx", "all", args.threads),
+                      data, args.eval_batch, "fp32")  # fmt: skip
+    hits = {}
+    for key, row in rows.items():
+        logits = bd.predict(bd.make_session(runs / f"r20_{key}.onnx", "all", args.threads), data,
+                            args.eval_batch, key)  # fmt: skip
+        hits[key] = logits.argmax(axis=1) == data.y
+        row["top1"] = float(hits[key].mean())
+        row["agree_fp32"], row["kl_fp32"] = bd.fidelity(logits, fp32)
+    diff, sd = bd.paired_difference(hits["cpu"], hits["cuda"])
+    fp32_top1 = float(np.mean(fp32.argmax(axis=1) == data.y))
+    return {"images": len(data.y), "fp32_top1": fp32_top1, "cuda_minus_cpu_pts": diff, "sd_pts": sd}
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The ``bench:cuda-e2e`` section."""
+    rows, ev, m = doc["rows"], doc["evaluation"], doc["machine"]
+    lines = [
+        bd.mark(SECTION, "start"),
+        "## BRECQ end to end: CUDA against CPU provider (one CLI command each)",
+        "",
+        f"Quantized by `tools/cuda_check.sh` on {m['date']} on {m['machine']}; evaluated by "
+        f"`{doc['command']}` here (onnxruntime CPU, the {ev['images']} CIFAR-10 test images). The command, "
+        f"once per provider (the CUDA run adds `--cuda` to validate on CUDA too; the CPU run hides the GPU "
+        f"with `CUDA_VISIBLE_DEVICES=`): `{CLI}`. MixQuant + BRECQ, W4A8, {rows['cuda']['iters']} "
+        "iterations per unit. *CLI wall*: the whole command, Python start included; *stages*: the "
+        "report's stage timings summed; *BRECQ*: its reconstruction stage; *it/s*: median over the "
+        "units with learned rounding; *agreement*, *KL*: with the FP32 model's top-1 and logits.",
+        "",
+        "| provider | CLI wall s | stages s | BRECQ s | it/s | top-1 | vs FP32 (pts) | agreement | KL |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        lines.append(
+            f"| {r['provider']} | {bd.fmt(r['wall_s'], '.1f')} | {r['stages_s']:.1f} "
+            f"| {r['reconstruct_s']:.1f} "
+            f"| {r['median_iters_per_s']:.0f} | {r['top1']:.4f} | {100 * (r['top1'] - ev['fp32_top1']):+.2f} "
+            f"| {r['agree_fp32']:.4f} | {r['kl_fp32']:.4f} |"
+        )
+    cuda, cpu = rows["cuda"], rows["cpu"]
+    whole = f"{cpu['wall_s'] / cuda['wall_s']:.2f}x" if cuda["wall_s"] and cpu["wall_s"] else "-"
+    lines += [
+        "",
+        f"FP32 top-1 {ev['fp32_top1']:.4f}. CUDA over CPU ({m['nproc']} cores): BRECQ stage "
+        f"**{cpu['reconstruct_s'] / cuda['reconstruct_s']:.2f}x**, median it/s "
+        f"{cuda['median_iters_per_s'] / cpu['median_iters_per_s']:.2f}x, whole command {whole}. Top-1 CUDA "
+        f"minus CPU {ev['cuda_minus_cpu_pts']:+.2f} ± {ev['sd_pts']:.2f} points (paired over the same "
+        "images): the two providers' float sums differ, so the learned roundings differ a little.",
+        "",
+        bd.mark(SECTION, "end"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    runs = args.runs
+    unit = json.loads((runs / "benchmarks" / "unit-cuda.json").read_text())
+    machine = unit["machine"]
+    if args.commit:
+        machine["commit"] = args.commit
+    cores, versions = f"{machine['nproc']} CPU cores ({machine['cpu']})", f"Python {machine['python']}"
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
+    machine["machine"] = (f"{cores}{gpu}, {versions}, onnxruntime {machine['onnxruntime']}, "
+                          f"{bd.code_version(machine)}")  # fmt: skip
+    unit["command"] = "bash tools/cuda_check.sh, which runs " + unit["command"]
+    wall = walls((runs / "log.txt").read_text())
+    rows = {key: provider_row(key, runs, wall.get(key)) for key in PROVIDERS}
+    doc = {
+        "command": bd.command_line(__file__, sys.argv[1:]),
+        "machine": machine,
+        "cli": CLI,
+        "rows": rows,
+        "evaluation": evaluate(rows, runs, args),
+    }
+    unit_text = bench_unit.render(unit["rows"], unit["command"], machine, "unit-cuda")
+    text = render(doc)
+    if args.out is not None:
+        old = args.out.read_text() if args.out.is_file() else None
+        merged = bd.merge_section(bd.merge_section(old, unit_text, "unit-cuda"), text, SECTION)
+        bd.write_atomic(args.out, merged.encode())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        bd.write_atomic(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+        bd.write_atomic(args.json.with_name("unit-cuda.json"), (json.dumps(unit, indent=1) + "\n").encode())
+    print(unit_text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
