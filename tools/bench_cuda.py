@@ -9,10 +9,11 @@ FP32 model, and writes two BENCHMARKS.md sections: ``bench:unit-cuda``, re-rende
 ``benchmarks/unit-cuda.json``, and ``bench:cuda-e2e`` (raw: ``benchmarks/unit-cuda.json``,
 ``benchmarks/cuda_e2e.json``)::
 
-    python tools/bench_cuda.py --runs /work/.device/4 --commit bc4ba9f
+    python tools/bench_cuda.py --runs /work/.device/4 --commit bc4ba9f [--runs DIR --commit C ...]
 
-``--commit`` names the commit the machine ran, where the copy of the tree it ran carried a stale
-``.git`` (the device tool sends the session's starting ``.git`` with the current files).
+Each ``--commit`` names the commit its ``--runs`` ran: the copy of the tree on the GPU machine can
+carry a stale ``.git`` (the device tool sends the session's starting ``.git`` with the current
+files). Runs with another ``E2E_PRESET`` add rows (``r20_<provider>_<preset>.*``).
 """
 
 from __future__ import annotations
@@ -32,36 +33,58 @@ import numpy as np
 SECTION = "cuda-e2e"
 MODEL = "resnet20_cifar10"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+DEFAULT_PRESET = "cpu-fast"
 #: The CLI's arguments in tools/cuda_check.sh, as a user would type them (paths shortened).
 CLI = (
     "onnx-mixquant resnet20_cifar10.onnx out.onnx --calib cifar10/calib --mean 0.485,0.456,0.406 "
-    "--std 0.229,0.224,0.225 --target-bits 4 --method brecq --recon-preset cpu-fast"
+    "--std 0.229,0.224,0.225 --target-bits 4 --method brecq"
 )
 
 
 def parse_args() -> argparse.Namespace:
     p = bd.new_parser(__doc__ or "")
-    p.add_argument("--runs", type=Path, required=True, help="the folder cuda_check.sh's $OUT came back to")
-    p.add_argument("--commit", help="the commit the GPU machine ran (replaces the one it recorded)")
+    p.add_argument("--runs", type=Path, action="append", required=True,
+                   help="a folder cuda_check.sh's $OUT came back to (repeatable)")  # fmt: skip
+    p.add_argument("--commit", action="append", default=[],
+                   help="the commit the GPU machine ran, one per --runs, in order")  # fmt: skip
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
     bd.add_io_args(p, "no effect (kept for the common options)", "cuda_e2e.json")
     args = p.parse_args()
+    if args.commit and len(args.commit) != len(args.runs):
+        p.error("give one --commit per --runs, or none")
     bd.default_outputs(args, "cuda_e2e.json")
     return args
 
 
-def walls(log: str) -> dict[str, float]:
-    """The CLI's wall seconds per provider key, from cuda_check.sh's ``E2E <key> rc=0 wall S s`` lines."""
-    return {m[1]: float(m[2]) for m in re.finditer(r"^E2E (\w+) rc=0 wall ([\d.]+) s$", log, re.MULTILINE)}
+def walls(log: str) -> dict[tuple[str, str], float]:
+    """The CLI's wall seconds per (provider key, preset), from cuda_check.sh's
+    ``E2E <key> rc=0 wall S s [preset P]`` lines (no preset: cpu-fast)."""
+    pattern = r"^E2E (\w+) rc=0 wall ([\d.]+) s(?: preset ([\w-]+))?$"
+    return {(m[1], m[3] or DEFAULT_PRESET): float(m[2]) for m in re.finditer(pattern, log, re.MULTILINE)}
 
 
-def provider_row(key: str, runs: Path, wall: float | None) -> dict[str, Any]:
-    """One provider's run: its report's timings and BRECQ rates (evaluation is added later)."""
-    report = json.loads((runs / f"r20_{key}.json").read_text())
+def find_rows(runs: Path, commit: str | None) -> list[dict[str, Any]]:
+    """The CLI runs in ``runs`` (``r20_<key>[_<preset>].json`` with its model beside it)."""
+    wall = walls((runs / "log.txt").read_text())
+    rows = []
+    for report_path in sorted(runs.glob("r20_*.json")):
+        m = re.fullmatch(r"r20_(cuda|cpu)(?:_([\w-]+))?\.json", report_path.name)
+        if m is None:
+            continue
+        key, preset = m[1], m[2] or DEFAULT_PRESET
+        row = provider_row(report_path, PROVIDERS[key], wall.get((key, preset)))
+        rows.append({"key": key, "preset": preset, "model_path": str(report_path.with_suffix(".onnx")),
+                     "commit": commit, **row})  # fmt: skip
+    return rows
+
+
+def provider_row(report_path: Path, provider: str, wall: float | None) -> dict[str, Any]:
+    """One CLI run: its report's timings and BRECQ rates (evaluation is added later)."""
+    report = json.loads(report_path.read_text())
     recon = report["reconstruction"]
-    if recon["provider"] != PROVIDERS[key]:
-        raise SystemExit(f"r20_{key}.json: BRECQ ran on {recon['provider']}, expected {PROVIDERS[key]}")
+    if recon["provider"] != provider:
+        raise SystemExit(f"{report_path}: BRECQ ran on {recon['provider']}, expected {provider}")
     rates = [u["iters_per_second"] for u in recon["units"] if u["rounding"] == "learned"]
     return {
         "provider": recon["provider"],
@@ -76,21 +99,27 @@ def provider_row(key: str, runs: Path, wall: float | None) -> dict[str, Any]:
     }
 
 
-def evaluate(rows: dict[str, dict[str, Any]], runs: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Top-1, agreement and KL with the FP32 model for each row; the FP32 numbers; paired CUDA - CPU."""
+def evaluate(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Top-1, agreement and KL with the FP32 model for each row; the FP32 top-1; per preset run on both
+    providers, the paired CUDA - CPU top-1 difference."""
     data = bd.load_eval_set(args.bench_dir, "cifar10", args.cache_dir)
     fp32 = bd.predict(bd.make_session(args.bench_dir / "models" / f"{MODEL}.onnx", "all", args.threads),
                       data, args.eval_batch, "fp32")  # fmt: skip
     hits = {}
-    for key, row in rows.items():
-        logits = bd.predict(bd.make_session(runs / f"r20_{key}.onnx", "all", args.threads), data,
-                            args.eval_batch, key)  # fmt: skip
-        hits[key] = logits.argmax(axis=1) == data.y
-        row["top1"] = float(hits[key].mean())
+    for row in rows:
+        label = f"{row['key']} {row['preset']}"
+        logits = bd.predict(bd.make_session(Path(row["model_path"]), "all", args.threads), data,
+                            args.eval_batch, label)  # fmt: skip
+        hits[row["key"], row["preset"]] = logits.argmax(axis=1) == data.y
+        row["top1"] = float(hits[row["key"], row["preset"]].mean())
         row["agree_fp32"], row["kl_fp32"] = bd.fidelity(logits, fp32)
-    diff, sd = bd.paired_difference(hits["cpu"], hits["cuda"])
+    paired = {}
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        if ("cuda", preset) in hits and ("cpu", preset) in hits:
+            diff, sd = bd.paired_difference(hits["cpu", preset], hits["cuda", preset])
+            paired[preset] = {"cuda_minus_cpu_pts": diff, "sd_pts": sd}
     fp32_top1 = float(np.mean(fp32.argmax(axis=1) == data.y))
-    return {"images": len(data.y), "fp32_top1": fp32_top1, "cuda_minus_cpu_pts": diff, "sd_pts": sd}
+    return {"images": len(data.y), "fp32_top1": fp32_top1, "paired": paired}
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -100,60 +129,70 @@ def render(doc: dict[str, Any]) -> str:
         bd.mark(SECTION, "start"),
         "## BRECQ end to end: CUDA against CPU provider (one CLI command each)",
         "",
-        f"Quantized by `tools/cuda_check.sh` on {m['date']} on {m['machine']}; evaluated by "
-        f"`{doc['command']}` here (onnxruntime CPU, the {ev['images']} CIFAR-10 test images). The command, "
-        f"once per provider (the CUDA run adds `--cuda` to validate on CUDA too; the CPU run hides the GPU "
-        f"with `CUDA_VISIBLE_DEVICES=`): `{CLI}`. MixQuant + BRECQ, W4A8, {rows['cuda']['iters']} "
-        "iterations per unit. *CLI wall*: the whole command, Python start included; *stages*: the "
-        "report's stage timings summed; *BRECQ*: its reconstruction stage; *it/s*: median over the "
-        "units with learned rounding; *agreement*, *KL*: with the FP32 model's top-1 and logits.",
+        f"Quantized by `tools/cuda_check.sh` on {m['date']} on {m['machine']} (*commit*: the code each run "
+        f"ran); evaluated by `{doc['command']}` here (onnxruntime CPU, the {ev['images']} CIFAR-10 test "
+        "images). The command, once per provider and preset (the CUDA run adds `--cuda` to validate on "
+        f"CUDA too; the CPU run hides the GPU with `CUDA_VISIBLE_DEVICES=`): `{CLI} --recon-preset "
+        "PRESET`, MixQuant + BRECQ, W4A8. *CLI wall*: the whole command, Python start included; "
+        "*stages*: the report's stage timings summed; *BRECQ*: its reconstruction stage; *it/s*: "
+        "median over the units with learned rounding; *agreement*, *KL*: with the FP32 model's top-1 "
+        "and logits.",
         "",
-        "| provider | CLI wall s | stages s | BRECQ s | it/s | top-1 | vs FP32 (pts) | agreement | KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| provider | preset | commit | CLI wall s | stages s | BRECQ s | it/s | top-1 | vs FP32 (pts) "
+        "| agreement | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows.values():
+    for r in rows:
         lines.append(
-            f"| {r['provider']} | {bd.fmt(r['wall_s'], '.1f')} | {r['stages_s']:.1f} "
-            f"| {r['reconstruct_s']:.1f} "
+            f"| {r['provider']} | {r['preset']} ({r['iters']} it) | {r['commit'] or '-'} "
+            f"| {bd.fmt(r['wall_s'], '.1f')} | {r['stages_s']:.1f} | {r['reconstruct_s']:.1f} "
             f"| {r['median_iters_per_s']:.0f} | {r['top1']:.4f} | {100 * (r['top1'] - ev['fp32_top1']):+.2f} "
             f"| {r['agree_fp32']:.4f} | {r['kl_fp32']:.4f} |"
         )
-    cuda, cpu = rows["cuda"], rows["cpu"]
-    whole = f"{cpu['wall_s'] / cuda['wall_s']:.2f}x" if cuda["wall_s"] and cpu["wall_s"] else "-"
-    lines += [
-        "",
-        f"FP32 top-1 {ev['fp32_top1']:.4f}. CUDA over CPU ({m['nproc']} cores): BRECQ stage "
-        f"**{cpu['reconstruct_s'] / cuda['reconstruct_s']:.2f}x**, median it/s "
-        f"{cuda['median_iters_per_s'] / cpu['median_iters_per_s']:.2f}x, whole command {whole}. Top-1 CUDA "
-        f"minus CPU {ev['cuda_minus_cpu_pts']:+.2f} ± {ev['sd_pts']:.2f} points (paired over the same "
-        "images): the two providers' float sums differ, so the learned roundings differ a little.",
-        "",
-        bd.mark(SECTION, "end"),
-        "",
-    ]
-    return "\n".join(lines)
+    lines += ["", f"FP32 top-1 {ev['fp32_top1']:.4f}."]
+    by = {(r["key"], r["preset"]): r for r in rows}
+    for preset, pair in ev["paired"].items():
+        cuda, cpu = by["cuda", preset], by["cpu", preset]
+        whole = f"{cpu['wall_s'] / cuda['wall_s']:.2f}x" if cuda["wall_s"] and cpu["wall_s"] else "-"
+        lines.append(
+            f"- `{preset}`: CUDA over CPU ({m['nproc']} cores): BRECQ stage "
+            f"**{cpu['reconstruct_s'] / cuda['reconstruct_s']:.2f}x**, median it/s "
+            f"{cuda['median_iters_per_s'] / cpu['median_iters_per_s']:.2f}x, whole command {whole}. Top-1 "
+            f"CUDA minus CPU {pair['cuda_minus_cpu_pts']:+.2f} ± {pair['sd_pts']:.2f} points (paired over "
+            "the same images): the providers' float sums differ, so the learned roundings differ a little."
+        )
+    return "\n".join([*lines, "", bd.mark(SECTION, "end"), ""])
 
 
 def main() -> None:
     args = parse_args()
-    runs = args.runs
-    unit = json.loads((runs / "benchmarks" / "unit-cuda.json").read_text())
+    commits = args.commit or [None] * len(args.runs)
+    units = [
+        r / "benchmarks" / "unit-cuda.json"
+        for r in args.runs
+        if (r / "benchmarks" / "unit-cuda.json").is_file()
+    ]
+    if not units:
+        raise SystemExit("no --runs folder holds benchmarks/unit-cuda.json (cuda_check.sh with UNIT=0 only?)")
+    unit = json.loads(units[0].read_text())
     machine = unit["machine"]
     if args.commit:
-        machine["commit"] = args.commit
+        machine["commit"] = commits[[r / "benchmarks" / "unit-cuda.json" for r in args.runs].index(units[0])]
     cores, versions = f"{machine['nproc']} CPU cores ({machine['cpu']})", f"Python {machine['python']}"
     gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
     machine["machine"] = (f"{cores}{gpu}, {versions}, onnxruntime {machine['onnxruntime']}, "
                           f"{bd.code_version(machine)}")  # fmt: skip
-    unit["command"] = "bash tools/cuda_check.sh, which runs " + unit["command"]
-    wall = walls((runs / "log.txt").read_text())
-    rows = {key: provider_row(key, runs, wall.get(key)) for key in PROVIDERS}
+    if not unit["command"].startswith("bash tools/cuda_check.sh"):
+        unit["command"] = "bash tools/cuda_check.sh, which runs " + unit["command"]
+    rows = [row for runs, commit in zip(args.runs, commits, strict=True) for row in find_rows(runs, commit)]
+    if not rows:
+        raise SystemExit("no r20_<provider>.json report in the --runs folders")
     doc = {
         "command": bd.command_line(__file__, sys.argv[1:]),
         "machine": machine,
         "cli": CLI,
         "rows": rows,
-        "evaluation": evaluate(rows, runs, args),
+        "evaluation": evaluate(rows, args),
     }
     unit_text = bench_unit.render(unit["rows"], unit["command"], machine, "unit-cuda")
     text = render(doc)

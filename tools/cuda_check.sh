@@ -6,6 +6,11 @@
 # once on CUDA and once with CUDA hidden (CUDA_VISIBLE_DEVICES=). Everything lands in $OUT; then
 # here: python tools/bench_cuda.py --runs <the fetched folder>.
 #   SHA=<sha256 from cuda_bundle.sh> BENCH_COMMIT=<commit> bash tools/cuda_check.sh
+# Stages (environment): PROBE=1 also checks the CUDA probe of onnx_mixquant/_ortsession.py with the
+# CUDA libraries hidden from the loader (ld.so --inhibit-cache: only pip's nvidia wheels, through
+# onnxruntime.preload_dlls, can provide them) and with the GPU hidden (its stdout must stay empty);
+# UNIT=0 skips bench_unit; E2E_PRESET (cpu-fast) and E2E_PROVIDERS ("cuda cpu") choose the CLI runs,
+# whose files are r20_<provider>.* (r20_<provider>_<preset>.* for another preset).
 set -u
 export PYTHONUNBUFFERED=1
 REPO=$PWD
@@ -30,10 +35,10 @@ if [ ! -d "$X/b/ort" ]; then
 fi
 stamp unpacked
 SITE=${SITE:-/tmp/site}
+SP=$("$PY" -c "import site; print(site.getsitepackages()[0])")
 if [ -z "${LOCALTEST:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$X"/b/wheels/*.whl || exit 5
   cp -r "$X"/b/ort/* "$SITE"/
-  SP=$("$PY" -c "import site; print(site.getsitepackages()[0])")
   ln -sfn "$SP/nvidia" "$SITE/nvidia"   # as if the nvidia-* wheels sat beside onnxruntime-gpu in one venv
   ls "$SP/nvidia"
   export PYTHONPATH="$SITE:$REPO"
@@ -54,16 +59,37 @@ if ! grep -q "PROVIDERS.*CUDA" "$X/check.txt" && [ -z "${LOCALTEST:-}" ]; then
   export LD_LIBRARY_PATH=$(ls -d "$SP"/nvidia/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
   check
 fi
-stamp "bench_unit"
-timeout ${UNIT_TIMEOUT:-210} "$PY" tools/bench_unit.py --units all --steps "$STEPS" --warmup 3 --section unit-cuda \
-  --bench-dir "$X/b/bench" --out "$OUT/BENCHMARKS.md" 2>&1 | grep -v "^\s*$"
-stamp "e2e"
+if [ -n "${PROBE:-}" ]; then
+  stamp "probe checks"
+  ldconfig -p | grep -E "libcuda\.so\.1|libcublasLt\.so|libcudnn\.so\.9|libcudart\.so" | head -8
+  LIBCUDA=$(dirname "$(ldconfig -p | awk '/libcuda\.so\.1 /{print $NF; exit}')")
+  echo "PROBE hidden libraries (libcuda.so.1 from $LIBCUDA only):"
+  PYTHONPATH=$PYTHONPATH:$SP LD_LIBRARY_PATH=$LIBCUDA /lib64/ld-linux-x86-64.so.2 --inhibit-cache "$(readlink -f "$(command -v "$PY")")" - <<'PYEOF'
+import logging
+logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+from onnx_mixquant._ortsession import available_providers
+print("PROBE-HIDDEN-LIBS", available_providers(True))
+PYEOF
+  echo "PROBE hidden GPU: stdout must be one line"
+  CUDA_VISIBLE_DEVICES= "$PY" -c "from onnx_mixquant._ortsession import available_providers as a; print('PROBE-NO-GPU', a(True))" > "$X/nogpu.txt" 2> "$X/nogpu.err"
+  echo "stdout ($(wc -l < "$X/nogpu.txt") lines):"; cat "$X/nogpu.txt"; echo "stderr ($(wc -c < "$X/nogpu.err") bytes)"; head -5 "$X/nogpu.err"
+fi
+if [ "${UNIT:-1}" != 0 ]; then
+  stamp "bench_unit"
+  timeout ${UNIT_TIMEOUT:-210} "$PY" tools/bench_unit.py --units all --steps "$STEPS" --warmup 3 --section unit-cuda \
+    --bench-dir "$X/b/bench" --out "$OUT/BENCHMARKS.md" 2>&1 | grep -v "^\s*$"
+fi
 M=$X/b/bench/models/resnet20_cifar10.onnx
+PRESET=${E2E_PRESET:-cpu-fast}
 ARGS=(--calib "$X/b/bench/data/cifar10/calib" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --target-bits 4
-      --method brecq --recon-preset cpu-fast -q)
-s=$EPOCHREALTIME; timeout ${E2E_TIMEOUT:-130} "$PY" -m onnx_mixquant "$M" "$OUT/r20_cuda.onnx" "${ARGS[@]}" --cuda --report "$OUT/r20_cuda.json"
-echo "E2E cuda rc=$? wall $(awk -v a=$s -v b=$EPOCHREALTIME 'BEGIN{printf "%.1f", b-a}') s"
-stamp "e2e cpu"
-s=$EPOCHREALTIME; CUDA_VISIBLE_DEVICES= timeout ${E2E_TIMEOUT:-130} "$PY" -m onnx_mixquant "$M" "$OUT/r20_cpu.onnx" "${ARGS[@]}" --report "$OUT/r20_cpu.json"
-echo "E2E cpu rc=$? wall $(awk -v a=$s -v b=$EPOCHREALTIME 'BEGIN{printf "%.1f", b-a}') s"
+      --method brecq --recon-preset "$PRESET" -q)
+for prov in ${E2E_PROVIDERS:-cuda cpu}; do
+  stamp "e2e $prov $PRESET"
+  name=r20_$prov$([ "$PRESET" = cpu-fast ] || echo "_$PRESET")
+  if [ "$prov" = cuda ]; then env=(); extra=(--cuda); else env=(CUDA_VISIBLE_DEVICES=); extra=(); fi
+  s=$EPOCHREALTIME
+  env "${env[@]}" timeout ${E2E_TIMEOUT:-130} "$PY" -m onnx_mixquant "$M" "$OUT/$name.onnx" "${ARGS[@]}" "${extra[@]}" \
+    --report "$OUT/$name.json"
+  echo "E2E $prov rc=$? wall $(awk -v a=$s -v b=$EPOCHREALTIME 'BEGIN{printf "%.1f", b-a}') s preset $PRESET"
+done
 stamp done
