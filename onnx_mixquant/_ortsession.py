@@ -14,13 +14,14 @@ import functools
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "available_providers", "first_line", "open_session"]
+__all__ = ["CPU", "CUDA", "available_providers", "first_line", "open_session", "reproducible"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ CUDA = "CUDAExecutionProvider"
 #: probe restores this value after silencing the logger.
 _ORT_DEFAULT_SEVERITY = 2
 _ORT_FATAL = 4
+#: CUDA provider options of :func:`reproducible`: cuDNN picks each convolution's algorithm by its
+#: heuristics. onnxruntime's default, an exhaustive search, picks the fastest by timing it, so the
+#: pick (and with it the float rounding) can change from run to run.
+CUDA_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
+#: False: :func:`reproducible` leaves onnxruntime's CUDA defaults (dev tools time the difference).
+REPRODUCIBLE_CUDA = True
 
 
 def _probe_model_bytes() -> bytes:
@@ -115,6 +122,19 @@ def _cuda_works() -> bool:
         return _cuda_runs()
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
+def reproducible(providers: Sequence[str], so: ort.SessionOptions) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` for ``ort.InferenceSession``, CUDA set up so that the same inputs give the same
+    results run after run, as the output model must (same input and seed, same bytes).
+
+    With CUDA among them: ``so.use_deterministic_compute`` (deterministic kernels and cuDNN
+    algorithms only) and :data:`CUDA_OPTIONS`. A CPU-only list comes back as it is, ``so`` untouched.
+    """
+    if not REPRODUCIBLE_CUDA or CUDA not in providers:
+        return list(providers)
+    so.use_deterministic_compute = True
+    return [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in providers]
 
 
 def available_providers(try_cuda: bool) -> tuple[str, ...]:

@@ -288,3 +288,43 @@ def test_cuda_probe_keeps_onnxruntime_fallback_banner_off_stdout(
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert "no CUDA-capable device is detected" in caplog.text
+
+
+def test_reproducible_sets_up_cuda_only() -> None:
+    """CUDA sessions whose results go into the output model: deterministic compute and heuristic
+    cuDNN algorithm choice; CPU-only lists and their options stay as they are."""
+    import onnxruntime as ort
+
+    from onnx_mixquant import _ortsession as S
+
+    so = ort.SessionOptions()
+    assert S.reproducible([CPU], so) == [CPU] and so.use_deterministic_compute is False
+    chain = S.reproducible((CUDA, CPU), so)
+    assert chain == [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    assert so.use_deterministic_compute is True
+    chain[0][1]["x"] = "y"  # a copy: callers cannot change CUDA_OPTIONS
+    assert S.CUDA_OPTIONS == {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_output_affecting_sessions_are_reproducible_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session whose results reach the output model (BRECQ training and its inputs/targets,
+    calibration and bias correction) asks for CUDA through reproducible()."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnx_mixquant import calibrate
+    from onnx_mixquant.reconstruct import _common, adaround
+
+    seen: list[tuple[object, bool]] = []
+
+    def record(model: object, sess_options: ort.SessionOptions, providers: list[object]) -> str:
+        seen.append((providers[0], sess_options.use_deterministic_compute))
+        return "session"
+
+    model = onnx.parser.parse_model(MATMUL)
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    monkeypatch.setattr(calibrate, "available_providers", lambda try_cuda: (CUDA, CPU))
+    adaround._session(model, [CUDA, CPU], 1)
+    _common._session(ir.from_proto(model), [], CUDA)
+    calibrate._new_session(model.SerializeToString())
+    assert seen == [((CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), True)] * 3

@@ -42,6 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxruntime as ort
 
+from onnx_mixquant._ortsession import reproducible
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.graph import default_opset
 from onnx_mixquant.numerics import QParams, dequantize
@@ -377,4 +378,5 @@ def _session(model: onnx.ModelProto, providers: list[str], threads: int) -> ort.
     so.graph_optimization_level = _LEVEL
     so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
-    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+    chain = reproducible(providers, so)
+    return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=chain)
