@@ -10,7 +10,9 @@
 # CUDA libraries hidden from the loader (ld.so --inhibit-cache: only pip's nvidia wheels, through
 # onnxruntime.preload_dlls, can provide them) and with the GPU hidden (its stdout must stay empty);
 # UNIT=0 skips bench_unit; E2E_PRESET (cpu-fast) and E2E_PROVIDERS ("cuda cpu") choose the CLI runs,
-# whose files are r20_<provider>.* (r20_<provider>_<preset>.* for another preset).
+# whose files are r20_<provider>.* (r20_<provider>_<preset>.* for another preset); DETERMINISM=1
+# first runs the cpu-fast CLI on CUDA twice reproducibly (_ortsession.REPRODUCIBLE_CUDA, the default)
+# and twice with onnxruntime's CUDA defaults, printing each output's sha256 and BRECQ seconds.
 set -u
 export PYTHONUNBUFFERED=1
 REPO=$PWD
@@ -74,6 +76,20 @@ PYEOF
   CUDA_VISIBLE_DEVICES= "$PY" -c "from onnx_mixquant._ortsession import available_providers as a; print('PROBE-NO-GPU', a(True))" > "$X/nogpu.txt" 2> "$X/nogpu.err"
   echo "stdout ($(wc -l < "$X/nogpu.txt") lines):"; cat "$X/nogpu.txt"; echo "stderr ($(wc -c < "$X/nogpu.err") bytes)"; head -5 "$X/nogpu.err"
 fi
+if [ -n "${DETERMINISM:-}" ]; then
+  for mode in True False; do
+    for i in 1 2; do
+      stamp "determinism REPRODUCIBLE_CUDA=$mode run $i"
+      o=/tmp/det_${mode}_$i
+      "$PY" -c "import sys; import onnx_mixquant._ortsession as s; s.REPRODUCIBLE_CUDA = $mode
+from onnx_mixquant.cli import main; sys.argv[0] = 'onnx-mixquant'; main()" "$X/b/bench/models/resnet20_cifar10.onnx" "$o.onnx" \
+        --calib "$X/b/bench/data/cifar10/calib" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --target-bits 4 \
+        --method brecq --recon-preset cpu-fast -q --no-validate --report "$o.json" > /dev/null 2>&1
+      echo "DET REPRODUCIBLE_CUDA=$mode run $i rc=$? sha256 $(sha256sum < "$o.onnx" | cut -c1-16) BRECQ" \
+        "$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['timings_s']['reconstruct'],1), r['reconstruction']['provider'])" "$o.json")"
+    done
+  done
+fi
 if [ "${UNIT:-1}" != 0 ]; then
   stamp "bench_unit"
   timeout ${UNIT_TIMEOUT:-210} "$PY" tools/bench_unit.py --units all --steps "$STEPS" --warmup 3 --section unit-cuda \
@@ -83,7 +99,8 @@ M=$X/b/bench/models/resnet20_cifar10.onnx
 PRESET=${E2E_PRESET:-cpu-fast}
 ARGS=(--calib "$X/b/bench/data/cifar10/calib" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --target-bits 4
       --method brecq --recon-preset "$PRESET" -q)
-for prov in ${E2E_PROVIDERS:-cuda cpu}; do
+for prov in ${E2E_PROVIDERS:-cuda cpu}; do  # E2E_PROVIDERS=none: no CLI run
+  [ "$prov" = none ] && continue
   stamp "e2e $prov $PRESET"
   name=r20_$prov$([ "$PRESET" = cpu-fast ] || echo "_$PRESET")
   if [ "$prov" = cuda ]; then env=(); extra=(--cuda); else env=(CUDA_VISIBLE_DEVICES=); extra=(); fi
