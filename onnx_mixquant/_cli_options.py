@@ -16,6 +16,7 @@ from onnx_mixquant.config import (
     BiasConfig,
     BiasCorrection,
     CalibMethod,
+    Device,
     ExportConfig,
     Granularity,
     ImageLayout,
@@ -158,6 +159,7 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             samples=opts["bias_samples"],
         ),
         seed=opts["seed"],
+        device=Device(opts["device"]),
     )
 
 

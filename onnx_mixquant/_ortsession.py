@@ -14,14 +14,27 @@ import functools
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "available_providers", "first_line", "open_session", "reproducible"]
+from onnx_mixquant.config import Device
+from onnx_mixquant.errors import ConfigError
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "available_providers",
+    "compute_on",
+    "compute_providers",
+    "first_line",
+    "open_session",
+    "with_cuda_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +45,12 @@ CUDA = "CUDAExecutionProvider"
 #: probe restores this value after silencing the logger.
 _ORT_DEFAULT_SEVERITY = 2
 _ORT_FATAL = 4
-#: CUDA provider options of :func:`reproducible`: cuDNN picks each convolution's algorithm by its
-#: heuristics. onnxruntime's default, an exhaustive search, picks the fastest by timing it, so the
-#: pick (and with it the float rounding) can change from run to run.
+#: CUDA provider options of :func:`with_cuda_options`: cuDNN picks each convolution's algorithm by
+#: its heuristics instead of onnxruntime's default exhaustive search, which times the candidates in
+#: every new session (measured on an H200, ResNet-20 `cpu-fast`: BRECQ 19 s instead of 24 s).
 CUDA_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
-#: False: :func:`reproducible` leaves onnxruntime's CUDA defaults (dev tools time the difference).
-REPRODUCIBLE_CUDA = True
+#: False: :func:`with_cuda_options` leaves onnxruntime's CUDA defaults (dev tools time the difference).
+USE_CUDA_OPTIONS = True
 
 
 def _probe_model_bytes() -> bytes:
@@ -124,14 +137,19 @@ def _cuda_works() -> bool:
         ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 
 
-def reproducible(providers: Sequence[str], so: ort.SessionOptions) -> list[str | tuple[str, dict[str, str]]]:
-    """``providers`` for ``ort.InferenceSession``, CUDA set up so that the same inputs give the same
-    results run after run, as the output model must (same input and seed, same bytes).
+#: An ``ort.InferenceSession`` providers list: names, or (name, options) pairs.
+ProviderList = list[str | tuple[str, dict[str, str]]]
 
-    With CUDA among them: ``so.use_deterministic_compute`` (deterministic kernels and cuDNN
-    algorithms only) and :data:`CUDA_OPTIONS`. A CPU-only list comes back as it is, ``so`` untouched.
+
+def with_cuda_options(providers: Sequence[str], so: ort.SessionOptions) -> ProviderList:
+    """``providers`` for ``ort.InferenceSession``, with :data:`CUDA_OPTIONS` for CUDA and
+    ``so.use_deterministic_compute`` (onnxruntime's deterministic kernels where it has them) when
+    CUDA is among them. A CPU-only list comes back as it is, ``so`` untouched.
+
+    Even so, two CUDA runs of the same command gave different output models (H200, BENCHMARKS.md),
+    which is why ``QuantConfig.device`` is CPU unless asked otherwise.
     """
-    if not REPRODUCIBLE_CUDA or CUDA not in providers:
+    if not USE_CUDA_OPTIONS or CUDA not in providers:
         return list(providers)
     so.use_deterministic_compute = True
     return [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in providers]
@@ -144,6 +162,37 @@ def available_providers(try_cuda: bool) -> tuple[str, ...]:
     providers = (CUDA, CPU) if try_cuda and _cuda_works() else (CPU,)
     logger.debug("onnxruntime providers: %s", ", ".join(providers))
     return providers
+
+
+#: The device of the enclosing :func:`compute_on` (CPU outside one).
+_COMPUTE: ContextVar[Device] = ContextVar("onnx_mixquant_compute", default=Device.CPU)
+
+
+@contextlib.contextmanager
+def compute_on(device: Device) -> Iterator[None]:
+    """Within the block, :func:`compute_providers` follows ``device`` (``QuantConfig.device``).
+
+    Raises:
+        ConfigError: ``Device.CUDA`` where onnxruntime cannot run CUDA (no onnxruntime-gpu, no GPU,
+            or CUDA/cuDNN not loadable).
+    """
+    if device is Device.CUDA and not _cuda_works():
+        raise ConfigError(
+            "device 'cuda': onnxruntime cannot run CUDA here "
+            f"(providers {', '.join(ort.get_available_providers())}; it needs onnxruntime-gpu, an NVIDIA "
+            "GPU and the CUDA and cuDNN libraries); use device 'cpu', or 'auto' to fall back to the CPU"
+        )
+    token = _COMPUTE.set(device)
+    try:
+        yield
+    finally:
+        _COMPUTE.reset(token)
+
+
+def compute_providers() -> tuple[str, ...]:
+    """The providers for the stages whose results go into the output model: the CPU alone, unless
+    the enclosing :func:`compute_on` asked for CUDA or auto (then CUDA first where it works)."""
+    return available_providers(_COMPUTE.get() is not Device.CPU)
 
 
 def first_line(e: BaseException) -> str:

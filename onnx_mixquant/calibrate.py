@@ -32,10 +32,9 @@ import onnx_ir as ir  # noqa: TID251
 import onnxruntime as ort  # noqa: TID251
 
 from onnx_mixquant._histogram import StreamingHistogram, mse_range
-from onnx_mixquant._ortsession import reproducible
+from onnx_mixquant._ortsession import compute_providers, with_cuda_options
 from onnx_mixquant.config import ActivationConfig, CalibMethod
 from onnx_mixquant.errors import CalibrationError, UnsupportedModelError
-from onnx_mixquant.validate import available_providers
 
 __all__ = ["CalibrationResult", "TensorRange", "batch_samples", "collect_ranges", "probe_session"]
 
@@ -177,7 +176,7 @@ def _new_session(source: bytes | str, early_free: bool = False) -> ort.Inference
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
     try:
-        providers = reproducible(available_providers(True), so)
+        providers = with_cuda_options(compute_providers(), so)
         return ort.InferenceSession(source, sess_options=so, providers=providers)
     except Exception as e:
         raise UnsupportedModelError(

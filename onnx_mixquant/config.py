@@ -20,6 +20,7 @@ __all__ = [
     "BiasConfig",
     "BiasCorrection",
     "CalibMethod",
+    "Device",
     "ExportConfig",
     "ImageLayout",
     "ImageSpec",
@@ -279,6 +280,18 @@ class ActivationConfig:
             raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size!r}")
 
 
+class Device(enum.Enum):
+    """Where the stages whose results go into the output model run in onnxruntime (calibration,
+    bias correction, BRECQ). ``CPU``: the same input and seed give a byte-identical model.
+    ``CUDA`` (an error where onnxruntime cannot run it) and ``AUTO`` (CUDA where it can, else the
+    CPU): faster, but onnxruntime's CUDA kernels do not round the same way from run to run, so
+    neither is the output (measured on an H200: BENCHMARKS.md)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
 class RoundingMethod(enum.Enum):
     """How weights are rounded onto their grid: nearest, or BRECQ's learned (AdaRound) rounding."""
 
@@ -439,3 +452,5 @@ class QuantConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     seed: int = 0
+    #: Where calibration, bias correction and BRECQ run (:class:`Device`).
+    device: Device = Device.CPU

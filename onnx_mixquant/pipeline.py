@@ -31,6 +31,7 @@ from onnx_mixquant import (
 )
 from onnx_mixquant._assemble import gate_failures, settings_dict, warnings_for, weight_reports
 from onnx_mixquant._fusion import check_fusion
+from onnx_mixquant._ortsession import compute_on
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.config import BiasCorrection, ImageSpec, QuantConfig, RoundingMethod, Symmetry
 from onnx_mixquant.errors import ConfigError, MixQuantError, UnsupportedModelError
@@ -105,91 +106,92 @@ def quantize(
     cfg = resolve_config(config or QuantConfig(), has_calib=calib is not None)
     # a bias correction the user did not ask for must not fail the run: it is skipped, with a warning
     bias_auto = (config or QuantConfig()).bias.mode is None
-    notes: list[str] = []
-    timings: dict[str, float] = {}
-    src = Path(input_path)
-    export.check_destination(Path(output_path), src)
-    with _timed(timings, "read"):
-        read = graph.read_model(src)
-    if not read.sites:
-        reasons = sorted({s.reason.split(" (")[0] for s in read.skipped})
-        raise UnsupportedModelError(
-            f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
-            f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
+    with compute_on(cfg.device):  # calibration, bias correction and BRECQ run there
+        notes: list[str] = []
+        timings: dict[str, float] = {}
+        src = Path(input_path)
+        export.check_destination(Path(output_path), src)
+        with _timed(timings, "read"):
+            read = graph.read_model(src)
+        if not read.sites:
+            reasons = sorted({s.reason.split(" (")[0] for s in read.skipped})
+            raise UnsupportedModelError(
+                f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
+                f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
+            )
+        calib_data = _open_calibration(read, cfg, calib, image_spec)
+        samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
+        weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
+        recon, learned = None, None
+        bias_notes = notes if bias_auto else None
+        bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, bias_notes)
+        unit_biases: Mapping[str, np.ndarray] = {}
+        if cfg.recon.method is RoundingMethod.BRECQ:
+            quantized, recon, learned, unit_biases = _reconstruct(
+                read, cfg, weights, quantized, calib_data, timings, progress, bias_ref, bias_notes
+            )
+        with _timed(timings, "export"):
+            model, exported = export.insert_qdq(read.model, quantized, cfg.export)
+        for name, value in unit_biases.items():  # corrected unit by unit inside BRECQ
+            model.graph.initializers[name].const_value = ir.tensor(value, name=name)
+        acts = bias = None
+        try:
+            if calib_data is not None and cfg.activations.enabled:
+                acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
+            if bias_ref is not None and calib_data is not None:
+                with _timed(timings, "bias_correction"), _bias_failures(bias_notes):
+                    bias = biascorrect.correct_biases(
+                        model,
+                        *bias_ref,
+                        calib_data.batches,
+                        cfg.bias,
+                        _stage_progress(progress, "bias correction"),
+                        _bias_batches(calib_data, cfg),
+                    )
+            if acts is not None:
+                activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
+        finally:
+            if calib_data is not None:
+                calib_data.close()  # removes what a one-shot reader spooled to disk
+        with _timed(timings, "save"):
+            staged = export.stage_model(model, Path(output_path), src, cfg.export)
+        try:
+            result = None
+            if samples is not None:
+                with _timed(timings, "validate"):
+                    result = validate.validate(
+                        src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
+                    )
+            if acts is not None:
+                with _timed(timings, "fusion_check"):
+                    acts = replace(acts, fusion=check_fusion(staged.path, acts.compute_nodes))
+            failures = gate_failures(result, cfg)
+            if not failures:
+                staged.commit()
+        finally:
+            staged.discard()
+        return Report(
+            input_path=str(src),
+            output_path=str(staged.destination),
+            input_bytes=read.file_bytes,
+            output_bytes=staged.file_bytes,
+            opset_before=exported.opset_before,
+            opset_after=exported.opset_after,
+            rule=plan.rule.value,
+            average_bits=plan.average_bits,
+            storage_bits=plan.storage_bits,
+            weights=weight_reports(read, weights, quantized, plan, exported),
+            skipped=read.skipped,
+            validation=result,
+            gate_failures=tuple(failures),
+            output_written=not failures,
+            settings=settings_dict(cfg, samples_path),
+            timings_s=timings,
+            warnings=(*warnings_for(read, plan, exported, acts), *notes),
+            activations=acts,
+            reconstruction=recon,
+            bias_correction=bias,
         )
-    calib_data = _open_calibration(read, cfg, calib, image_spec)
-    samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
-    weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
-    recon, learned = None, None
-    bias_notes = notes if bias_auto else None
-    bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, bias_notes)
-    unit_biases: Mapping[str, np.ndarray] = {}
-    if cfg.recon.method is RoundingMethod.BRECQ:
-        quantized, recon, learned, unit_biases = _reconstruct(
-            read, cfg, weights, quantized, calib_data, timings, progress, bias_ref, bias_notes
-        )
-    with _timed(timings, "export"):
-        model, exported = export.insert_qdq(read.model, quantized, cfg.export)
-    for name, value in unit_biases.items():  # corrected unit by unit inside BRECQ
-        model.graph.initializers[name].const_value = ir.tensor(value, name=name)
-    acts = bias = None
-    try:
-        if calib_data is not None and cfg.activations.enabled:
-            acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
-        if bias_ref is not None and calib_data is not None:
-            with _timed(timings, "bias_correction"), _bias_failures(bias_notes):
-                bias = biascorrect.correct_biases(
-                    model,
-                    *bias_ref,
-                    calib_data.batches,
-                    cfg.bias,
-                    _stage_progress(progress, "bias correction"),
-                    _bias_batches(calib_data, cfg),
-                )
-        if acts is not None:
-            activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
-    finally:
-        if calib_data is not None:
-            calib_data.close()  # removes what a one-shot reader spooled to disk
-    with _timed(timings, "save"):
-        staged = export.stage_model(model, Path(output_path), src, cfg.export)
-    try:
-        result = None
-        if samples is not None:
-            with _timed(timings, "validate"):
-                result = validate.validate(
-                    src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
-                )
-        if acts is not None:
-            with _timed(timings, "fusion_check"):
-                acts = replace(acts, fusion=check_fusion(staged.path, acts.compute_nodes))
-        failures = gate_failures(result, cfg)
-        if not failures:
-            staged.commit()
-    finally:
-        staged.discard()
-    return Report(
-        input_path=str(src),
-        output_path=str(staged.destination),
-        input_bytes=read.file_bytes,
-        output_bytes=staged.file_bytes,
-        opset_before=exported.opset_before,
-        opset_after=exported.opset_after,
-        rule=plan.rule.value,
-        average_bits=plan.average_bits,
-        storage_bits=plan.storage_bits,
-        weights=weight_reports(read, weights, quantized, plan, exported),
-        skipped=read.skipped,
-        validation=result,
-        gate_failures=tuple(failures),
-        output_written=not failures,
-        settings=settings_dict(cfg, samples_path),
-        timings_s=timings,
-        warnings=(*warnings_for(read, plan, exported, acts), *notes),
-        activations=acts,
-        reconstruction=recon,
-        bias_correction=bias,
-    )
 
 
 def resolve_config(cfg: QuantConfig, *, has_calib: bool = False) -> QuantConfig:

@@ -392,3 +392,33 @@ def test_recon_split_reaches_the_units(runner: CliRunner, tmp_path: Path) -> Non
     iters = [u["iters"] for u in rec["units"]]
     assert rec["split"] == "error" and data["settings"]["recon"]["split"] == "error"
     assert sum(iters) == 20 * len(iters) and len(set(iters)) > 1
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device cuda where onnxruntime cannot run CUDA: exit 2, a message saying what is missing and
+    what to use instead, no output; --device auto falls back to the CPU and records its choice."""
+    from onnx_mixquant import _ortsession
+
+    monkeypatch.setattr(_ortsession, "_cuda_works", lambda: False)
+    out = tmp_path / "q.onnx"
+    needles = ("device 'cuda': onnxruntime cannot run CUDA here", "'auto' to fall back to the CPU")
+    _expect_error(runner, [str(DEMO_MODEL), str(out), "--device", "cuda", "-q"], 2, *needles)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    report = tmp_path / "r.json"
+    args = [
+        "--device",
+        "auto",
+        "-q",
+        "--calib",
+        str(DEMO_CALIB),
+        "--calib-size",
+        "64",
+        "--report",
+        str(report),
+    ]
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), *args])
+    assert res.exit_code == 0, res.output
+    assert json.loads(report.read_text())["settings"]["device"] == "auto"
+    _expect_error(runner, [str(DEMO_MODEL), str(out), "--device", "gpu"], 2, "'gpu' is not one of")

@@ -290,7 +290,7 @@ def test_cuda_probe_keeps_onnxruntime_fallback_banner_off_stdout(
     assert "no CUDA-capable device is detected" in caplog.text
 
 
-def test_reproducible_sets_up_cuda_only() -> None:
+def test_cuda_options_set_up_cuda_only() -> None:
     """CUDA sessions whose results go into the output model: deterministic compute and heuristic
     cuDNN algorithm choice; CPU-only lists and their options stay as they are."""
     import onnxruntime as ort
@@ -298,17 +298,17 @@ def test_reproducible_sets_up_cuda_only() -> None:
     from onnx_mixquant import _ortsession as S
 
     so = ort.SessionOptions()
-    assert S.reproducible([CPU], so) == [CPU] and so.use_deterministic_compute is False
-    chain = S.reproducible((CUDA, CPU), so)
+    assert S.with_cuda_options([CPU], so) == [CPU] and so.use_deterministic_compute is False
+    chain = S.with_cuda_options((CUDA, CPU), so)
     assert chain == [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), CPU]
     assert so.use_deterministic_compute is True
     chain[0][1]["x"] = "y"  # a copy: callers cannot change CUDA_OPTIONS
     assert S.CUDA_OPTIONS == {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
-def test_output_affecting_sessions_are_reproducible_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_affecting_sessions_take_the_cuda_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every session whose results reach the output model (BRECQ training and its inputs/targets,
-    calibration and bias correction) asks for CUDA through reproducible()."""
+    calibration and bias correction) asks for CUDA through with_cuda_options()."""
     import onnx
     import onnxruntime as ort
 
@@ -323,8 +323,33 @@ def test_output_affecting_sessions_are_reproducible_on_cuda(monkeypatch: pytest.
 
     model = onnx.parser.parse_model(MATMUL)
     monkeypatch.setattr(ort, "InferenceSession", record)
-    monkeypatch.setattr(calibrate, "available_providers", lambda try_cuda: (CUDA, CPU))
+    monkeypatch.setattr(calibrate, "compute_providers", lambda: (CUDA, CPU))
     adaround._session(model, [CUDA, CPU], 1)
     _common._session(ir.from_proto(model), [], CUDA)
     calibrate._new_session(model.SerializeToString())
     assert seen == [((CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), True)] * 3
+
+
+def test_compute_providers_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU (the default, also outside any compute_on) keeps every output-affecting stage on the CPU
+    even where CUDA works; auto takes CUDA where it works; cuda without CUDA is a ConfigError."""
+    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant.config import Device
+
+    for works in (True, False):
+        monkeypatch.setattr(S, "_cuda_works", lambda works=works: works)
+        assert S.compute_providers() == (CPU,)
+        with S.compute_on(Device.CPU):
+            assert S.compute_providers() == (CPU,)
+        with S.compute_on(Device.AUTO):
+            assert S.compute_providers() == ((CUDA, CPU) if works else (CPU,))
+            with S.compute_on(Device.CPU):  # nested: the inner one wins, then the outer comes back
+                assert S.compute_providers() == (CPU,)
+            assert S.compute_providers() == ((CUDA, CPU) if works else (CPU,))
+        assert S.compute_providers() == (CPU,)
+    with pytest.raises(ConfigError, match="device 'cuda': onnxruntime cannot run CUDA here"):
+        with S.compute_on(Device.CUDA):
+            pass
+    monkeypatch.setattr(S, "_cuda_works", lambda: True)
+    with S.compute_on(Device.CUDA):
+        assert S.compute_providers() == (CUDA, CPU)

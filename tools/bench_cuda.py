@@ -131,9 +131,10 @@ def render(doc: dict[str, Any]) -> str:
         "",
         f"Quantized by `tools/cuda_check.sh` on {m['date']} on {m['machine']} (*commit*: the code each run "
         f"ran); evaluated by `{doc['command']}` here (onnxruntime CPU, the {ev['images']} CIFAR-10 test "
-        "images). The command, once per provider and preset (the CUDA run adds `--cuda` to validate on "
-        f"CUDA too; the CPU run hides the GPU with `CUDA_VISIBLE_DEVICES=`): `{CLI} --recon-preset "
-        "PRESET`, MixQuant + BRECQ, W4A8. *CLI wall*: the whole command, Python start included; "
+        f"images). The command, once per provider and preset: `{CLI} --recon-preset PRESET`, MixQuant + "
+        "BRECQ, W4A8; the CUDA run with `--device cuda --cuda` (runs made before `--device` existed took "
+        "CUDA by default), the CPU run with the GPU hidden (`CUDA_VISIBLE_DEVICES=`). "
+        "*CLI wall*: the whole command, Python start included; "
         "*stages*: the report's stage timings summed; *BRECQ*: its reconstruction stage; *it/s*: "
         "median over the units with learned rounding; *agreement*, *KL*: with the FP32 model's top-1 "
         "and logits.",
@@ -161,7 +162,30 @@ def render(doc: dict[str, Any]) -> str:
             f"CUDA minus CPU {pair['cuda_minus_cpu_pts']:+.2f} ± {pair['sd_pts']:.2f} points (paired over "
             "the same images): the providers' float sums differ, so the learned roundings differ a little."
         )
+    if doc["determinism"]:
+        lines += ["", "Run to run on CUDA (`cuda_check.sh` DETERMINISM stage: the `cpu-fast` command twice "
+                  "per setting, `--no-validate`; *CUDA options*: `_ortsession.USE_CUDA_OPTIONS`, "
+                  "deterministic compute and heuristic cuDNN algorithm choice):", ""]  # fmt: skip
+        for mode, runs in doc["determinism"].items():
+            shas = ", ".join(r["sha256"] for r in runs)
+            same = "identical" if len({r["sha256"] for r in runs}) == 1 else "**differ**"
+            secs = " / ".join(f"{r['brecq_s']:.1f}" for r in runs)
+            label = "CUDA options" if mode == "True" else "onnxruntime's CUDA defaults"
+            lines.append(f"- {label}: output sha256 {shas} ({same}); BRECQ {secs} s.")
     return "\n".join([*lines, "", bd.mark(SECTION, "end"), ""])
+
+
+def determinism(logs: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """cuda_check.sh's ``DET USE_CUDA_OPTIONS=<mode> run <i> rc=0 sha256 <hex> BRECQ <s> <provider>``
+    lines, by mode."""
+    flag = "(?:USE_CUDA_OPTIONS|REPRODUCIBLE_CUDA)"  # the flag's name when the first runs were made
+    pattern = rf"^DET {flag}=(\w+) run (\d+) rc=0 sha256 (\w+) BRECQ ([\d.]+) (\w+)$"
+    out: dict[str, list[dict[str, Any]]] = {}
+    for log in logs:
+        for m in re.finditer(pattern, log, re.MULTILINE):
+            out.setdefault(m[1], []).append({"run": int(m[2]), "sha256": m[3], "brecq_s": float(m[4]),
+                                             "provider": m[5]})  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -193,6 +217,7 @@ def main() -> None:
         "cli": CLI,
         "rows": rows,
         "evaluation": evaluate(rows, args),
+        "determinism": determinism([(r / "log.txt").read_text() for r in args.runs]),
     }
     unit_text = bench_unit.render(unit["rows"], unit["command"], machine, "unit-cuda")
     text = render(doc)

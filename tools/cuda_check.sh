@@ -11,7 +11,7 @@
 # onnxruntime.preload_dlls, can provide them) and with the GPU hidden (its stdout must stay empty);
 # UNIT=0 skips bench_unit; E2E_PRESET (cpu-fast) and E2E_PROVIDERS ("cuda cpu") choose the CLI runs,
 # whose files are r20_<provider>.* (r20_<provider>_<preset>.* for another preset); DETERMINISM=1
-# first runs the cpu-fast CLI on CUDA twice reproducibly (_ortsession.REPRODUCIBLE_CUDA, the default)
+# first runs the cpu-fast CLI on CUDA twice with _ortsession.USE_CUDA_OPTIONS (the default)
 # and twice with onnxruntime's CUDA defaults, printing each output's sha256 and BRECQ seconds.
 set -u
 export PYTHONUNBUFFERED=1
@@ -79,13 +79,13 @@ fi
 if [ -n "${DETERMINISM:-}" ]; then
   for mode in True False; do
     for i in 1 2; do
-      stamp "determinism REPRODUCIBLE_CUDA=$mode run $i"
+      stamp "determinism USE_CUDA_OPTIONS=$mode run $i"
       o=/tmp/det_${mode}_$i
-      "$PY" -c "import sys; import onnx_mixquant._ortsession as s; s.REPRODUCIBLE_CUDA = $mode
+      "$PY" -c "import sys; import onnx_mixquant._ortsession as s; s.USE_CUDA_OPTIONS = $mode
 from onnx_mixquant.cli import main; sys.argv[0] = 'onnx-mixquant'; main()" "$X/b/bench/models/resnet20_cifar10.onnx" "$o.onnx" \
         --calib "$X/b/bench/data/cifar10/calib" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --target-bits 4 \
-        --method brecq --recon-preset cpu-fast -q --no-validate --report "$o.json" > /dev/null 2>&1
-      echo "DET REPRODUCIBLE_CUDA=$mode run $i rc=$? sha256 $(sha256sum < "$o.onnx" | cut -c1-16) BRECQ" \
+        --method brecq --recon-preset cpu-fast -q --no-validate --device cuda --report "$o.json" > /dev/null 2>&1
+      echo "DET USE_CUDA_OPTIONS=$mode run $i rc=$? sha256 $(sha256sum < "$o.onnx" | cut -c1-16) BRECQ" \
         "$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['timings_s']['reconstruct'],1), r['reconstruction']['provider'])" "$o.json")"
     done
   done
@@ -103,7 +103,7 @@ for prov in ${E2E_PROVIDERS:-cuda cpu}; do  # E2E_PROVIDERS=none: no CLI run
   [ "$prov" = none ] && continue
   stamp "e2e $prov $PRESET"
   name=r20_$prov$([ "$PRESET" = cpu-fast ] || echo "_$PRESET")
-  if [ "$prov" = cuda ]; then env=(); extra=(--cuda); else env=(CUDA_VISIBLE_DEVICES=); extra=(); fi
+  if [ "$prov" = cuda ]; then env=(); extra=(--device cuda --cuda); else env=(CUDA_VISIBLE_DEVICES=); extra=(); fi
   s=$EPOCHREALTIME
   env "${env[@]}" timeout ${E2E_TIMEOUT:-130} "$PY" -m onnx_mixquant "$M" "$OUT/$name.onnx" "${ARGS[@]}" "${extra[@]}" \
     --report "$OUT/$name.json"

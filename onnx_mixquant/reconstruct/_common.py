@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_mixquant._ortsession import reproducible
+from onnx_mixquant._ortsession import with_cuda_options
 from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 
@@ -128,7 +128,7 @@ def _session(model: ir.Model, outputs: Sequence[str], provider: str) -> ort.Infe
             copy.graph.outputs.append(values[name])
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = reproducible([provider], so)
+    providers = with_cuda_options([provider], so)
     return ort.InferenceSession(ir.to_proto(copy).SerializeToString(), so, providers=providers)
 
 

@@ -42,14 +42,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxruntime as ort
 
-from onnx_mixquant._ortsession import reproducible
+from onnx_mixquant._ortsession import compute_providers, with_cuda_options
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.graph import default_opset
 from onnx_mixquant.numerics import QParams, dequantize
 from onnx_mixquant.reconstruct._dwconv import differentiable, reverse
 from onnx_mixquant.reconstruct._unitgraph import Copier, Graph
 from onnx_mixquant.reconstruct.blocks import Unit
-from onnx_mixquant.validate import available_providers
 
 __all__ = [
     "GAMMA",
@@ -275,7 +274,7 @@ class UnitProgram:
             fisher: weight the squared error by ``f`` (``fisher_w`` of :meth:`step`).
             act_quant: per-tensor QParams of activations to fake-quantize (the unit input or tensors
                 its nodes make); their steps are learned (LSQ), zero points stay fixed.
-            provider: an onnxruntime provider; default: ``validate.available_providers(True)``.
+            provider: an onnxruntime provider; default: ``_ortsession.compute_providers()``.
             threads: onnxruntime intra-op threads (0: its default).
 
         Raises:
@@ -290,7 +289,7 @@ class UnitProgram:
         )  # fmt: skip
         self.training_model, self.gradient_model, self.forward_model, self.output_shape = models
         cpu = "CPUExecutionProvider"
-        providers = list(available_providers(True) if provider is None else dict.fromkeys([provider, cpu]))
+        providers = list(compute_providers() if provider is None else dict.fromkeys([provider, cpu]))
         self._grad = _session(models.gradient, providers, threads)
         self._fwd = _session(models.forward, providers, threads)
         self.provider, self.optimization = self._grad.get_providers()[0], _LEVEL.name
@@ -378,5 +377,5 @@ def _session(model: onnx.ModelProto, providers: list[str], threads: int) -> ort.
     so.graph_optimization_level = _LEVEL
     so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only: CUDA's "nodes placed on CPU" warnings are expected
-    chain = reproducible(providers, so)
+    chain = with_cuda_options(providers, so)
     return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=chain)

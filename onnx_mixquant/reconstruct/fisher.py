@@ -32,12 +32,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnx.reference import ReferenceEvaluator
 
+from onnx_mixquant._ortsession import compute_providers
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import default_opset, name_maker
 from onnx_mixquant.reconstruct._common import softmax
 from onnx_mixquant.reconstruct._dwconv import reverse
 from onnx_mixquant.reconstruct.adaround import _LEVEL, _session
-from onnx_mixquant.validate import available_providers
 
 __all__ = ["FisherProgram", "fisher_weight", "softmax"]
 
@@ -84,7 +84,7 @@ class FisherProgram:
                 quantized-dequantized; its first output is the logits.
             tensor: a tensor of the main graph (the unit output), of type ``dtype``.
             batch: the static batch size of every call.
-            provider: an onnxruntime provider; default: ``validate.available_providers(True)``.
+            provider: an onnxruntime provider; default: ``_ortsession.compute_providers()``.
             threads: onnxruntime intra-op threads (0: its default).
             dtype: float32 (onnxruntime) or float64 (onnx.reference): the model's float type.
 
@@ -272,7 +272,7 @@ def _runner(
     if dtype == np.float64:
         return ReferenceEvaluator(gradient).run, "onnx.reference", "none"
     cpu = "CPUExecutionProvider"
-    providers = list(available_providers(True) if provider is None else dict.fromkeys([provider, cpu]))
+    providers = list(compute_providers() if provider is None else dict.fromkeys([provider, cpu]))
     session = _session(gradient, providers, threads)
     return session.run, session.get_providers()[0], _LEVEL.name
 

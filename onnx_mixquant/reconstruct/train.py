@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnx_mixquant._ortsession import compute_providers
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.activations import ActivationPlan
 from onnx_mixquant.biascorrect import BiasReport, BiasTarget
@@ -49,7 +50,6 @@ from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differen
 from onnx_mixquant.reconstruct.blocks import Unit, partition
 from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight
 from onnx_mixquant.rounding import QuantizedWeight
-from onnx_mixquant.validate import available_providers
 
 __all__ = ["ReconResult", "UnitReport", "reconstruct"]
 
@@ -196,7 +196,7 @@ def reconstruct(
             raises; otherwise the correction stops there and ``ReconResult.bias_error`` says why.
     """
     t_start = time.perf_counter()
-    provider = available_providers(True)[0]
+    provider = compute_providers()[0]
     fp_model = _without_zero_pads(fp_model)
     units = partition(
         fp_model,
