@@ -13,6 +13,7 @@ EXPECTED = {
     "ReconGranularity",
     "RoundingMethod",
     "CalibMethod",
+    "Device",
     "ImageLayout",
     "ImageSpec",
     "IterSplit",
