@@ -1,10 +1,14 @@
-"""onnxruntime sessions for :mod:`onnx_mixquant.validate`: which providers work here, and opening one.
+"""onnxruntime sessions: which providers work here, which ones compute the output, opening one.
 
 onnxruntime-gpu lists CUDAExecutionProvider even where CUDA cannot run (no GPU, missing CUDA
 libraries) and then falls back to the CPU with an error log, so :func:`available_providers` probes
 CUDA once per process by running a tiny Conv (so cuDNN loads too), onnxruntime's logger silenced,
-and once more after ``onnxruntime.preload_dlls()`` where the first try failed. :func:`open_session` opens a
-model file on one provider (CPU as fallback) at an explicit graph optimisation level.
+and once more after ``onnxruntime.preload_dlls()`` where the first try failed. The stages whose
+results go into the output model (calibration, bias correction, BRECQ) take their providers from
+:func:`compute_providers`, which follows ``QuantConfig.device`` through :func:`compute_on` (the
+pipeline wraps a run in it) and is the CPU alone by default; :func:`with_cuda_options` sets up
+their CUDA sessions. :func:`open_session` opens a model file on one provider (CPU as fallback) at
+an explicit graph optimisation level, for validation.
 """
 
 from __future__ import annotations
