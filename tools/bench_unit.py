@@ -175,26 +175,30 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], sect
             f"| {r['model']} | {r['index']}: {r['unit']} | {'x'.join(map(str, r['input']))} | {r['weights']} "
             f"| {r['provider']} | {_label(r['graph'])} | {ms:.1f} | {1000 / ms:.1f} | {ratio:.2f}x |"
         )
+    models = list(dict.fromkeys(r["model"] for r in rows))
     if base:
         lines += ["", "Sum of the units' median steps on CPU (a BRECQ run's training time is about the "
                   "iterations per unit times this sum):", ""]  # fmt: skip
-        for model in dict.fromkeys(r["model"] for r in rows):
-            old = sum(ms for (m, _), ms in base.items() if m == model)
-            new = sum(ms for (m, _), ms in default.items() if m == model)
-            count = sum(1 for m, _ in base if m == model)
-            lines.append(f"- **{model}** ({count} units): {without} {old:.0f} ms, default "
-                         f"{new:.0f} ms: speed-up **{old / new:.2f}x**.")  # fmt: skip
+        lines += _sums(models, base, default, without, "default", "speed-up")
     if cuda:
         lines += ["", f"Sum of the units' median steps, CPU against CUDA ({facts.get('gpu') or 'GPU'}):", ""]
-        for model in dict.fromkeys(r["model"] for r in rows):
-            on_cpu = sum(ms for (m, _), ms in default.items() if m == model)
-            on_cuda = sum(ms for (m, _), ms in cuda.items() if m == model)
-            count = sum(1 for m, _ in cuda if m == model)
-            lines.append(f"- **{model}** ({count} units): CPU {on_cpu:.0f} ms, CUDA {on_cuda:.0f} ms: "
-                         f"CUDA speed-up **{on_cpu / on_cuda:.2f}x**.")  # fmt: skip
+        lines += _sums(models, default, cuda, "CPU", "CUDA", "CUDA speed-up")
     else:
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
     return "\n".join([*lines, "", bd.mark(section, "end"), ""])
+
+
+def _sums(models: list[str], slow: dict[tuple[str, int], float], fast: dict[tuple[str, int], float],
+          slow_label: str, fast_label: str, gain: str) -> list[str]:  # fmt: skip
+    """One line per model: the summed median steps of two variants (by (model, unit)) and their ratio."""
+    lines = []
+    for model in models:
+        a = sum(ms for (m, _), ms in slow.items() if m == model)
+        b = sum(ms for (m, _), ms in fast.items() if m == model)
+        count = sum(1 for m, _ in fast if m == model)
+        lines.append(f"- **{model}** ({count} units): {slow_label} {a:.0f} ms, {fast_label} {b:.0f} ms: "
+                     f"{gain} **{a / b:.2f}x**.")  # fmt: skip
+    return lines
 
 
 def main() -> None:
