@@ -12,6 +12,7 @@ never copied into the repository. From the repository root::
     python tools/bench_recon.py --bits 4 --bias-correction all    # with empirical bias correction
     python tools/bench_recon.py --bits 4 --acts a8 --act-iters 125  # A8 BRECQ learning activation steps
     python tools/bench_recon.py --bits 3 --acts w --scale-method mse  # MSE-searched weight scales
+    python tools/bench_recon.py --preset paper --device cuda     # on a GPU (rows say "device cuda")
 
 For each model, target width B (``--bits``) and activation mode (``--acts``: ``w`` weight-only,
 ``a8`` 8-bit activations calibrated with the percentile method), four methods at the same average
@@ -70,6 +71,7 @@ from onnx_mixquant.config import (
     RECON_PRESETS,
     BiasConfig,
     BiasCorrection,
+    Device,
     IterSplit,
     QuantizerConfig,
     ReconConfig,
@@ -184,15 +186,24 @@ def split_suffix(settings: dict[str, Any]) -> str:
     return "" if split == IterSplit.EVEN.value else f", iterations split by {split}"
 
 
+def device_suffix(settings: dict[str, Any]) -> str:
+    """', device cuda' for rows quantized with ``--device cuda|auto``, else '' (cpu: rows stored
+    before the option existed ran on the CPU here)."""
+    device = settings.get("device") or Device.CPU.value
+    return "" if device == Device.CPU.value else f", device {device}"
+
+
 def variant_suffix(settings: dict[str, Any], *, bias: bool = True, seed: bool = True) -> str:
     """What a row's setting adds to its preset: the bias correction when used (``bias``), the
     activation-step iterations when not 0 (:func:`defaults_suffix`), the weight scale method when not
-    min-max, BRECQ's iteration split when not even and the calibration seed when not 0 (``seed``)."""
+    min-max, BRECQ's iteration split when not even, the device when not the CPU and the calibration
+    seed when not 0 (``seed``)."""
     return (
         (bias_suffix(settings) if bias else "")
         + defaults_suffix(settings)
         + scale_suffix(settings)
         + split_suffix(settings)
+        + device_suffix(settings)
         + (seed_suffix(settings) if seed else "")
     )
 
@@ -259,6 +270,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bd.add_io_args(p, quick_help="resnet20 W4A8, 2000 eval images, 200 iterations", json_name=JSON_NAME)
     p.add_argument("--eval-batch", type=int, default=100, help="eval batch size")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (evaluation)")
+    p.add_argument(
+        "--device",
+        choices=[d.value for d in Device],
+        default=Device.CPU.value,
+        help="where quantization runs (the CLI's --device; default cpu); evaluation stays on the CPU",
+    )
     p.add_argument("--child-timeout", type=int, default=7200, help="seconds per quantization subprocess")
     p.add_argument("--_one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -321,6 +338,7 @@ def tool_config(spec: dict[str, Any]) -> QuantConfig:
         bias=BiasConfig(mode=BiasCorrection(spec.get("bias_correction", "off"))),
         quantizer=QuantizerConfig(scale_method=ScaleMethod(spec.get("scale_method", "minmax"))),
         validate=ValidateConfig(enabled=False),
+        device=Device(spec.get("device", Device.CPU.value)),
     )
 
 
@@ -464,6 +482,7 @@ def job_settings(args: argparse.Namespace, acts: str, calib_count: int) -> dict[
         "act_iters": args.act_iters,
         "scale_method": args.scale_method,
         "recon_split": args.recon_split,
+        "device": args.device,
     }
 
 
@@ -498,7 +517,7 @@ def run_model(name: str, tmp: Path, args: argparse.Namespace, ctx: dict[str, Any
                 job.update(bits=bits, acts=acts, method=row.method, calib_size=len(files))
                 job.update(iters=args.iters, samples=args.samples, batch=args.batch)
                 job.update(bias_correction=args.bias_correction, act_iters=args.act_iters)
-                job.update(scale_method=args.scale_method, recon_split=args.recon_split)
+                job.update(scale_method=args.scale_method, recon_split=args.recon_split, device=args.device)
                 run_job(row, job, data, fp_logits, tmp, args)
             rows += group
             ctx["save"](group)
