@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,31 @@ def test_activations_need_calibration_data(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="calibration data"):
         quantize(DEMO_MODEL, tmp_path / "x.onnx", cfg)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize() runs its output-affecting sessions under QuantConfig.device: with the default
+    (CPU) calibration asks for the CPU alone even where CUDA works; with AUTO it asks for CUDA first."""
+    from onnx_mixquant import Device, _ortsession, calibrate
+
+    monkeypatch.setattr(_ortsession, "_cuda_works", lambda: True)  # as on a GPU machine
+    asked: list[tuple[str, ...]] = []
+    real = calibrate.compute_providers
+
+    def recording() -> tuple[str, ...]:
+        asked.append(real())
+        return ("CPUExecutionProvider",)  # this machine may have no GPU: run on the CPU regardless
+
+    monkeypatch.setattr(calibrate, "compute_providers", recording)
+    base = QuantConfig(
+        search=SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=8, target_bits=None),
+        activations=ActivationConfig(enabled=True),
+        validate=ValidateConfig(enabled=False),
+    )
+    for device, first in ((Device.CPU, "CPUExecutionProvider"), (Device.AUTO, "CUDAExecutionProvider")):
+        asked.clear()
+        quantize(
+            DEMO_MODEL, tmp_path / f"{device.value}.onnx", replace(base, device=device), calib=DEMO_CALIB
+        )
+        assert asked and {a[0] for a in asked} == {first}
+    assert _ortsession.compute_providers() == ("CPUExecutionProvider",)  # outside a run: the CPU
