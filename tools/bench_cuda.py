@@ -34,6 +34,8 @@ SECTION = "cuda-e2e"
 MODEL = "resnet20_cifar10"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PRESET = "cpu-fast"
+#: bench_unit's raw file in a --runs folder.
+UNIT_JSON = Path("benchmarks") / "unit-cuda.json"
 #: The CLI's arguments in tools/cuda_check.sh, as a user would type them (paths shortened).
 CLI = (
     "onnx-mixquant resnet20_cifar10.onnx out.onnx --calib cifar10/calib --mean 0.485,0.456,0.406 "
@@ -191,21 +193,15 @@ def determinism(logs: list[str]) -> dict[str, list[dict[str, Any]]]:
 def main() -> None:
     args = parse_args()
     commits = args.commit or [None] * len(args.runs)
-    units = [
-        r / "benchmarks" / "unit-cuda.json"
-        for r in args.runs
-        if (r / "benchmarks" / "unit-cuda.json").is_file()
-    ]
-    if not units:
-        raise SystemExit("no --runs folder holds benchmarks/unit-cuda.json (cuda_check.sh with UNIT=0 only?)")
-    unit = json.loads(units[0].read_text())
+    found = [(r, c) for r, c in zip(args.runs, commits, strict=True) if (r / UNIT_JSON).is_file()]
+    if not found:
+        raise SystemExit(f"no --runs folder holds {UNIT_JSON} (cuda_check.sh with UNIT=0 only?)")
+    unit_runs, unit_commit = found[0]
+    unit = json.loads((unit_runs / UNIT_JSON).read_text())
     machine = unit["machine"]
-    if args.commit:
-        machine["commit"] = commits[[r / "benchmarks" / "unit-cuda.json" for r in args.runs].index(units[0])]
-    cores, versions = f"{machine['nproc']} CPU cores ({machine['cpu']})", f"Python {machine['python']}"
-    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
-    machine["machine"] = (f"{cores}{gpu}, {versions}, onnxruntime {machine['onnxruntime']}, "
-                          f"{bd.code_version(machine)}")  # fmt: skip
+    if unit_commit:
+        machine["commit"] = unit_commit
+    machine["machine"] = bench_unit.machine_line(machine)
     if not unit["command"].startswith("bash tools/cuda_check.sh"):
         unit["command"] = "bash tools/cuda_check.sh, which runs " + unit["command"]
     rows = [row for runs, commit in zip(args.runs, commits, strict=True) for row in find_rows(runs, commit)]

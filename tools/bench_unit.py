@@ -201,6 +201,13 @@ def _sums(models: list[str], slow: dict[tuple[str, int], float], fast: dict[tupl
     return lines
 
 
+def machine_line(facts: dict[str, Any]) -> str:
+    """The section's machine: cores, GPU where there is one, versions and the code's commit."""
+    cores, versions = f"{facts['nproc']} CPU cores ({facts['cpu']})", f"Python {facts['python']}"
+    gpu = f", GPU {facts['gpu']}" if facts.get("gpu") else ""
+    return f"{cores}{gpu}, {versions}, onnxruntime {facts['onnxruntime']}, {bd.code_version(facts)}"
+
+
 def main() -> None:
     args = parse_args()
     off = [name for name in args.without.split(",") if name]
@@ -215,11 +222,7 @@ def main() -> None:
         )  # fmt: skip
     facts = bd.machine_facts()
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    cores, versions = f"{facts['nproc']} CPU cores ({facts['cpu']})", f"Python {facts['python']}"
-    gpu = f", GPU {facts['gpu']}" if facts.get("gpu") else ""
-    facts["machine"] = (
-        f"{cores}{gpu}, {versions}, onnxruntime {facts['onnxruntime']}, {bd.code_version(facts)}"
-    )
+    facts["machine"] = machine_line(facts)
     command = " ".join(["python", "tools/bench_unit.py", *sys.argv[1:]])
     text = render(rows, command, facts, args.section)
     old = args.out.read_text() if args.out.is_file() else None
