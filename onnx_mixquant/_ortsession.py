@@ -72,6 +72,19 @@ def _probe_model_bytes() -> bytes:
     return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
 
 
+@contextlib.contextmanager
+def _prints_to_debug_log(what: str) -> Iterator[None]:
+    """What onnxruntime's Python code ``print``s within the block goes to the debug log (one line,
+    labelled ``what``) instead of the user's stdout."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        if text := printed.getvalue().strip():
+            logger.debug("%s: %s", what, " | ".join(text.splitlines()))
+
+
 def _cuda_runs() -> bool:
     """Open and run the probe model on CUDA alone; True when CUDA computed its output.
 
@@ -82,9 +95,8 @@ def _cuda_runs() -> bool:
     so = ort.SessionOptions()
     so.log_severity_level = _ORT_FATAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with _prints_to_debug_log("CUDA probe, onnxruntime printed"):
             sess = ort.InferenceSession(_probe_model_bytes(), sess_options=so, providers=[CUDA])
         if sess.get_providers()[0] != CUDA:
             logger.debug("CUDA probe: session runs on %s", sess.get_providers())
@@ -93,9 +105,6 @@ def _cuda_runs() -> bool:
     except Exception as e:  # any failure to open or run the probe means no CUDA
         logger.debug("CUDA probe failed: %s", first_line(e))
         return False
-    finally:
-        if text := printed.getvalue().strip():
-            logger.debug("CUDA probe, onnxruntime printed: %s", " | ".join(text.splitlines()))
     logger.debug("CUDA probe: Conv ran on CUDA, output %s", np.ravel(y))
     return bool(np.ravel(y)[0] == 6.0)
 
@@ -107,15 +116,12 @@ def _preload_cuda_libraries() -> None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:  # onnxruntime < 1.21
         return
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+    with _prints_to_debug_log("onnxruntime.preload_dlls()"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             preload()
         except Exception as e:  # a failed preload only means the probe fails again
             logger.debug("onnxruntime.preload_dlls() failed: %s", first_line(e))
-    if text := printed.getvalue().strip():
-        logger.debug("onnxruntime.preload_dlls(): %s", " | ".join(text.splitlines()))
 
 
 @functools.cache
