@@ -7,6 +7,7 @@ against that float64 gradient.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -410,6 +411,65 @@ def test_optimisation_levels_agree() -> None:
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
+def test_clip_rule_masks_with_one_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CLIP_MASK, every Clip's adjoint is g * Cast(x == Clip(x)): no Where, Not, Less, Greater
+    or And left in the gradient model, and the gradients equal those of onnx-ad's rule."""
+    from onnx_mixquant.reconstruct import _dwconv
+
+    rng = np.random.default_rng(12)
+    model, unit, weights = _depthwise(rng, 2)
+    batch = (N, 4, 7, 7)
+    gradients = {}
+    for lean in (True, False):
+        monkeypatch.setattr(_dwconv, "CLIP_MASK", lean)
+        program = UnitProgram(model, unit, weights, batch, provider=CPU)
+        ops = Counter(node.op_type for node in program.gradient_model.graph.node)
+        masks = {op: ops[op] for op in ("Where", "Not", "Less", "Greater", "And")}
+        assert (set(masks.values()) == {0}) is lean, masks
+        assert (ops["Equal"] == ops["Clip"] > 0) is lean
+        gradients[lean] = program.gradient_model
+    feeds = _feeds(gradients[True], rng, np.float32)
+    feeds["adj_loss"] = np.ones(1, np.float32)
+    lean, reference = (
+        ort.InferenceSession(gradients[flag].SerializeToString(), providers=[CPU]).run(None, feeds)
+        for flag in (True, False)
+    )
+    for a, b in zip(lean, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _size_one_transposes(proto: onnx.ModelProto) -> tuple[int, int]:
+    """(Transposes that only move axes of size 1, all Transposes) of a model, by inferred shapes."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    moves = total = 0
+    for node in inferred.graph.node:
+        if node.op_type == "Transpose":
+            total += 1
+            perm, dims = list(helper.get_attribute_value(node.attribute[0])), shapes[node.input[0]]
+            moved = [a for a in perm if dims[a] != 1]
+            moves += moved == sorted(moved)
+    return moves, total
+
+
+def test_gradient_model_has_one_static_seed_and_no_size_one_transposes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step's gradient model takes adj_loss of shape [1], so shapes are static and the
+    Transposes that only move axes of size 1 (the depthwise unit has some) became Reshapes."""
+    from onnx_mixquant.reconstruct import _dwconv
+
+    model, unit, weights = _depthwise(np.random.default_rng(13), 2)
+    program = UnitProgram(model, unit, weights, (N, 4, 7, 7), provider=CPU)
+    (seed,) = [v for v in program.gradient_model.graph.input if v.name == "adj_loss"]
+    assert [d.dim_value for d in seed.type.tensor_type.shape.dim] == [1]
+    moves, total = _size_one_transposes(program.gradient_model)
+    assert moves == 0 and total > 0
+    monkeypatch.setattr(_dwconv, "SEED_RESHAPES", False)
+    plain = UnitProgram(model, unit, weights, (N, 4, 7, 7), provider=CPU).gradient_model
+    assert _size_one_transposes(plain)[0] > 0
+
+
 def test_grouped_conv_rule_is_scoped() -> None:
     import onnx_ad
 
@@ -487,8 +547,9 @@ def _conv_gradient(
 @pytest.mark.parametrize(
     ("c", "m", "k", "h", "group", "stride", "pads", "dil"),
     [
-        (4, 4, 3, 7, 4, 1, [1, 1, 1, 1], 1),  # depthwise
+        (4, 4, 3, 7, 4, 1, [1, 1, 1, 1], 1),  # depthwise: a group per (sample, channel)
         (4, 4, 5, 9, 4, 2, [2, 1, 1, 2], 1),  # depthwise, stride 2, asymmetric pads
+        (4, 4, 3, 9, 4, 1, [1, 1, 1, 1], 2),  # depthwise, dilation 2
         (4, 8, 3, 9, 4, 1, [1, 1, 1, 1], 1),  # channel multiplier 2
         (6, 4, 3, 8, 2, 3, [2, 0, 1, 1], 2),  # 2 groups of 3 channels, dilation 2
         (3, 5, 1, 6, 1, 1, [0, 0, 0, 0], 1),  # pointwise, many positions: batched matmul
@@ -530,18 +591,25 @@ def test_conv_weight_rules_with_two_seeds(
     gradient = _conv_gradient(conv, x.shape, w_shape, r)
     ops = [node.op_type for node in gradient.graph.node]
     if group > 1:
-        rule = "grouped"
+        rule = "depthwise" if c == m == group else "grouped"
     elif k == 1 and stride == 1:
         rule = "pointwise"
     else:
         rule = "im2col" if _dwconv.IM2COL_BYTES else "onnx-ad"
-    # besides the forward Conv: grouped: a grouped Conv; pointwise: a MatMul; im2col: the one-hot
-    # Conv with a group per input channel, and a MatMul; onnx-ad's: a group-1 Conv
-    expect_ops = {"grouped": (2, 0), "pointwise": (1, 1), "im2col": (2, 1), "onnx-ad": (2, 0)}[rule]
+    # besides the forward Conv: grouped: a grouped Conv; depthwise: one with a group per (sample,
+    # channel) and no Transpose of X; pointwise: a MatMul; im2col: the one-hot Conv with a group per
+    # input channel, and a MatMul; onnx-ad's: a group-1 Conv
+    expect_ops = {"grouped": (2, 0), "depthwise": (2, 0), "pointwise": (1, 1), "im2col": (2, 1),
+                  "onnx-ad": (2, 0)}[rule]  # fmt: skip
     assert (ops.count("Conv"), ops.count("MatMul")) == expect_ops
     convs = [node for node in gradient.graph.node if node.op_type == "Conv"]
     groups = [helper.get_attribute_value(a) for n in convs[1:] for a in n.attribute if a.name == "group"]
-    assert groups == {"grouped": [group], "pointwise": [], "im2col": [c], "onnx-ad": [1]}[rule]
+    assert groups == {"grouped": [group], "depthwise": [len(x) * c], "pointwise": [], "im2col": [c],
+                      "onnx-ad": [1]}[rule]  # fmt: skip
+    if rule == "depthwise":  # X only reshaped to (1, N*C, H, W), never transposed
+        x_views = {n.output[0] for n in gradient.graph.node if n.op_type == "Reshape" and n.input[0] == "x"}
+        assert x_views
+        assert not [n for n in gradient.graph.node if n.op_type == "Transpose" and n.input[0] in x_views]
     sess = ort.InferenceSession(gradient.SerializeToString(), providers=[CPU])
     w = rng.normal(size=w_shape).astype(np.float32)
     (adj,) = sess.run(["adj_w"], {"x": x, "w": w, "adj_loss": np.array([1.0, -2.0], np.float32)})

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mixquant.reconstruct._rankalign import BROADCASTING, align_ranks
+from onnx_mixquant.reconstruct._rankalign import BROADCASTING, align_ranks, transposes_as_reshapes
 
 
 def _model(opset: int) -> onnx.ModelProto:
@@ -76,3 +76,49 @@ def test_operands_get_full_rank_and_values_stay(opset: int) -> None:
 def test_unknown_ranks_and_full_rank_inputs_are_left_alone() -> None:
     model = ir.from_proto(_model(17))  # no shape inference: output ranks unknown
     assert align_ranks(model) == 0
+
+
+def test_transposes_that_move_only_size_one_axes_become_reshapes() -> None:
+    """[2, 1, 3, 1] -> perm [1, 3, 0, 2] keeps 2 before 3: a Reshape. perm [3, 2, 1, 0] swaps them,
+    a Transpose of a symbolic-shaped input and one feeding a graph output stay Transposes."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["a"], perm=[1, 3, 0, 2], name="moves_ones"),
+        helper.make_node("Transpose", ["x"], ["b"], perm=[3, 2, 1, 0], name="reorders"),
+        helper.make_node("Transpose", ["y"], ["c"], perm=[1, 0], name="symbolic"),
+        helper.make_node("Transpose", ["x"], ["d"], perm=[1, 0, 2, 3], name="to_output"),
+        helper.make_node("Relu", ["a"], ["out_a"]),
+        helper.make_node("Relu", ["b"], ["out_b"]),
+        helper.make_node("Relu", ["c"], ["out_c"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 3, 1]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out_a", "out_b", "out_c", "d")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.from_proto(proto)
+    onnx_ir.passes.common.ShapeInferencePass()(model)
+    assert transposes_as_reshapes(model) == 1
+    kinds = {node.name: node.op_type for node in model.graph}
+    assert [kinds[n] for n in ("reorders", "symbolic", "to_output")] == ["Transpose"] * 3
+    assert "moves_ones" not in kinds
+    assert sorted(kinds.values()).count("Reshape") == 1
+    rng = np.random.default_rng(3)
+    feeds = {
+        "x": rng.normal(size=(2, 1, 3, 1)).astype(np.float32),
+        "y": rng.normal(size=(4, 1)).astype(np.float32),
+    }
+    sessions = [
+        ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        for p in (proto, ir.to_proto(model))
+    ]
+    before, after = (s.run(None, feeds) for s in sessions)
+    for a, b in zip(before, after, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert after[0].shape == (1, 1, 2, 3)

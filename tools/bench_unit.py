@@ -4,16 +4,18 @@ the package's gradient-graph rewrites against the graph without some of them.
 Dev-only script. For each model it builds the AdaRound training step (ONNX forward + onnx-ad
 gradient graph, as ``--method brecq`` does) of reconstruction units with 4-bit nearest-rounded
 weights, feeds each the unit's real input for a batch of random model inputs, and times ``--steps``
-steps after ``--warmup``. The variants of a unit (providers; with ``--without`` also the CPU step
-built without the named rewrites of ``reconstruct/_dwconv.py``: ``im2col``, the Conv weight
-adjoint as im2col + matrix products, which leaves onnx-ad's own rule; ``rank-align``, full-rank
-broadcasting operands) take turns step by step, so a load change on the machine hits them alike.
+steps after ``--warmup``. The variants of a unit (providers; with each ``--without`` also the CPU
+step built without the named rewrites of ``reconstruct/_dwconv.py``, see :data:`REWRITES`) take
+turns step by step, so a load change on the machine hits them alike. Speed-ups are against the
+first ``--without`` variant.
 The BENCHMARKS.md section between the ``bench:unit`` markers is rewritten from the rows of this
 run (raw: ``benchmarks/unit.json``)::
 
     python tools/bench_unit.py                                  # resnet20 unit 1, efficientnet unit 1
     python tools/bench_unit.py --models efficientnet_lite0 --units 3 --batch 8
     python tools/bench_unit.py --models resnet20_cifar10 --units all --without im2col,rank-align
+    python tools/bench_unit.py --units all --without im2col,rank-align,clip-mask,dw-direct,seed-reshape \
+        --without clip-mask,dw-direct,seed-reshape                # all rewrites, and the newer three
     python tools/bench_unit.py --units all --section unit-cuda     # on a GPU machine: CUDA vs CPU
 
 The CPU provider runs with onnxruntime's default threads (all cores); CUDA rows appear only where
@@ -46,8 +48,18 @@ from onnx_mixquant.validate import available_providers
 REPO_ROOT = bd.REPO_ROOT
 SECTION = "unit"
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-#: Gradient-graph rewrites of reconstruct/_dwconv.py that --without can leave out.
-REWRITES = ("im2col", "rank-align")
+#: Gradient-graph rewrites of reconstruct/_dwconv.py that --without can leave out, and what each
+#: does (the table's legend).
+REWRITES = {
+    "im2col": "the weight adjoint of a group-1 Conv other than 1x1 as im2col + matrix products; "
+    "without it, onnx-ad 0.3.0's own rule, a convolution with an image-sized kernel",
+    "rank-align": "lower-rank operands of broadcasting ops given full rank, `reconstruct/_rankalign.py`",
+    "clip-mask": "Clip's (ReLU6's) input adjoint as `g * Cast(x == Clip(x))`; without it, onnx-ad's "
+    "two comparisons, two Nots, an And and a Where",
+    "dw-direct": "a depthwise Conv's weight adjoint as one Conv with a group per (sample, channel); "
+    "without it, a group per channel after transposing the input and the output adjoint",
+    "seed-reshape": "the seed count pinned to 1, so Transposes that only move axes of size 1 become Reshapes",
+}
 DEFAULT = "default"
 
 
@@ -57,9 +69,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--units", default="1", help="comma list of unit indices, or 'all' (default 1)")
     p.add_argument(
         "--without",
-        default="",
-        help="also time each unit on CPU without these rewrites: comma list of " + ", ".join(REWRITES),
-    )
+        action="append",
+        default=[],
+        help="also time each unit on CPU without these rewrites: comma list of " + ", ".join(REWRITES)
+        + "; repeat for more variants",
+    )  # fmt: skip
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32, the reference)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per provider")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -74,7 +88,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_units(
-    path: Path, units_arg: str, batch: int, steps: int, warmup: int, without: str
+    path: Path, units_arg: str, batch: int, steps: int, warmup: int, without: list[str]
 ) -> list[dict[str, Any]]:
     """Median step time of the chosen units of the model at ``path``, per variant (module docstring)."""
     read = read_model(path)
@@ -104,8 +118,7 @@ def time_units(
         variants = [(PROVIDERS[0], DEFAULT)]
         if PROVIDERS[1] in available_providers(True):
             variants.append((PROVIDERS[1], DEFAULT))
-        if without:
-            variants.append((PROVIDERS[0], without))
+        variants += [(PROVIDERS[0], off) for off in without]
         programs = [_program(model, unit, weights, x.shape, provider, rule) for provider, rule in variants]
         times: list[list[float]] = [[] for _ in programs]
         for i in range(warmup + steps):
@@ -128,13 +141,17 @@ def _program(model: Any, unit: Any, weights: list[UnitWeight], shape: tuple[int,
              variant: str) -> UnitProgram:  # fmt: skip
     """The unit's step on ``provider``: the default graph, or without the rewrites ``variant`` lists."""
     off = set() if variant == DEFAULT else set(variant.split(","))
-    saved = _dwconv.IM2COL_BYTES, _dwconv.ALIGN_RANKS
-    _dwconv.IM2COL_BYTES = 0 if "im2col" in off else saved[0]
-    _dwconv.ALIGN_RANKS = "rank-align" not in off
+    flags = {"rank-align": "ALIGN_RANKS", "clip-mask": "CLIP_MASK", "dw-direct": "DEPTHWISE_DIRECT",
+             "seed-reshape": "SEED_RESHAPES"}  # fmt: skip
+    saved = {name: getattr(_dwconv, name) for name in ("IM2COL_BYTES", *flags.values())}
+    _dwconv.IM2COL_BYTES = 0 if "im2col" in off else saved["IM2COL_BYTES"]
+    for rewrite, name in flags.items():
+        setattr(_dwconv, name, rewrite not in off)
     try:
         return UnitProgram(model, unit, weights, shape, provider=provider)
     finally:
-        _dwconv.IM2COL_BYTES, _dwconv.ALIGN_RANKS = saved
+        for name, value in saved.items():
+            setattr(_dwconv, name, value)
 
 
 def _label(graph: str) -> str:
@@ -145,11 +162,13 @@ def _label(graph: str) -> str:
 def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], section: str = SECTION) -> str:
     """The BENCHMARKS.md section."""
     cpu = [r for r in rows if r["provider"] == PROVIDERS[0]]
-    base = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] != DEFAULT}
-    default = {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] == DEFAULT}
+    graphs = list(dict.fromkeys(r["graph"] for r in cpu if r["graph"] != DEFAULT))  # --without order
+    times = {g: {(r["model"], r["index"]): r["ms_per_step"] for r in cpu if r["graph"] == g}
+             for g in [*graphs, DEFAULT]}  # fmt: skip
+    default = times[DEFAULT]
+    base = times[graphs[0]] if graphs else {}
     reference = base or default
-    without = next((_label(r["graph"]) for r in cpu if r["graph"] != DEFAULT), "")
-    against = f"the time of the CPU row {without}" if base else "the time of the CPU row"
+    against = f"the time of the CPU row {_label(graphs[0])}" if graphs else "the time of the CPU row"
     cuda = {(r["model"], r["index"]): r["ms_per_step"] for r in rows if r["provider"] == PROVIDERS[1]}
     title = "CUDA against CPU" if cuda and not base else "gradient-graph rewrites and onnxruntime provider"
     lines = [
@@ -160,10 +179,8 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], sect
         "steps (forward + onnx-ad gradient of the AdaRound loss, 4-bit weights, onnxruntime's default "
         "threads); the variants of a unit took turns step by step. *gradient graph*: `default`, as "
         "`--method brecq` builds it, or without the named rewrites of `reconstruct/_dwconv.py`: "
-        "`im2col` (the weight adjoint of a group-1 Conv other than 1x1 as im2col + matrix products; "
-        "without it, onnx-ad 0.3.0's own rule, a convolution with an image-sized kernel), "
-        "`rank-align` (lower-rank operands of broadcasting ops given full rank, "
-        f"`reconstruct/_rankalign.py`). *speed-up*: {against} over this row's.",
+        + ", ".join(f"`{name}` ({what})" for name, what in REWRITES.items())
+        + f". *speed-up*: {against} over this row's.",
         "",
         "| model | unit | unit input | weights | provider | gradient graph | ms / step | it/s | speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -179,25 +196,30 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], sect
     if base:
         lines += ["", "Sum of the units' median steps on CPU (a BRECQ run's training time is about the "
                   "iterations per unit times this sum):", ""]  # fmt: skip
-        lines += _sums(models, base, default, without, "default", "speed-up")
+        columns = [(_label(g), times[g]) for g in graphs] + [("default", default)]
+        lines += _sums(models, columns, "speed-up")
     if cuda:
         lines += ["", f"Sum of the units' median steps, CPU against CUDA ({facts.get('gpu') or 'GPU'}):", ""]
-        lines += _sums(models, default, cuda, "CPU", "CUDA", "CUDA speed-up")
+        lines += _sums(models, [("CPU", default), ("CUDA", cuda)], "CUDA speed-up")
     else:
         lines += ["", "No CUDA row: onnxruntime could not open a CUDA session on this machine."]
     return "\n".join([*lines, "", bd.mark(section, "end"), ""])
 
 
-def _sums(models: list[str], slow: dict[tuple[str, int], float], fast: dict[tuple[str, int], float],
-          slow_label: str, fast_label: str, gain: str) -> list[str]:  # fmt: skip
-    """One line per model: the summed median steps of two variants (by (model, unit)) and their ratio."""
+def _sums(models: list[str], columns: list[tuple[str, dict[tuple[str, int], float]]], gain: str) -> list[str]:
+    """One line per model: each variant's summed median steps (by (model, unit)), and the first's
+    ratio to each of the others."""
     lines = []
     for model in models:
-        a = sum(ms for (m, _), ms in slow.items() if m == model)
-        b = sum(ms for (m, _), ms in fast.items() if m == model)
-        count = sum(1 for m, _ in fast if m == model)
-        lines.append(f"- **{model}** ({count} units): {slow_label} {a:.0f} ms, {fast_label} {b:.0f} ms: "
-                     f"{gain} **{a / b:.2f}x**.")  # fmt: skip
+        sums = [(label, sum(ms for (m, _), ms in times.items() if m == model)) for label, times in columns]
+        count = sum(1 for m, _ in columns[-1][1] if m == model)
+        listed = ", ".join(f"{label} {total:.0f} ms" for label, total in sums)
+        first = sums[0][1]
+        if len(sums) == 2:
+            ratios = f"**{first / sums[1][1]:.2f}x**"
+        else:
+            ratios = ", ".join(f"**{first / total:.2f}x** ({label})" for label, total in sums[1:])
+        lines.append(f"- **{model}** ({count} units): {listed}: {gain} {ratios}.")
     return lines
 
 
@@ -210,10 +232,14 @@ def machine_line(facts: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    off = [name for name in args.without.split(",") if name]
-    if bad := set(off) - set(REWRITES):
-        raise SystemExit(f"--without: unknown rewrite(s) {sorted(bad)}; choose from {', '.join(REWRITES)}")
-    args.without = ",".join(off)  # "im2col," -> "im2col": the variant's label and key
+    variants = []
+    for text in args.without:
+        off = [name for name in text.split(",") if name]
+        if bad := set(off) - set(REWRITES):
+            known = ", ".join(REWRITES)
+            raise SystemExit(f"--without: unknown rewrite(s) {sorted(bad)}; choose from {known}")
+        variants.append(",".join(off))  # "im2col," -> "im2col": the variant's label and key
+    args.without = variants
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += time_units(

@@ -11,6 +11,7 @@
   matrix fits :data:`IM2COL_BYTES`). onnx-ad looks its rules up in the dict
   ``onnx_ad.rules.REVERSE`` at every node, so the override is seen by ``onnx_ad.reverse`` and
   undone on exit.
+  The same block installs a leaner rule for ``Clip`` (:func:`_clip_reverse`, ReLU6's adjoint).
 - :func:`reverse` runs onnx-ad under that rule and drops work onnxruntime would do for nothing.
 - :func:`differentiable` reads onnx-ad's rule tables.
 """
@@ -32,9 +33,18 @@ from onnx import helper
 from onnx_ad import UnsupportedOperator, lower, rules
 from onnx_ad._build import attribute
 
-from onnx_mixquant.reconstruct._rankalign import align_ranks
+from onnx_mixquant.reconstruct._rankalign import align_ranks, transposes_as_reshapes
 
-__all__ = ["ALIGN_RANKS", "IM2COL_BYTES", "differentiable", "grouped_conv_rule", "reverse"]
+__all__ = [
+    "ALIGN_RANKS",
+    "CLIP_MASK",
+    "DEPTHWISE_DIRECT",
+    "IM2COL_BYTES",
+    "SEED_RESHAPES",
+    "differentiable",
+    "grouped_conv_rule",
+    "reverse",
+]
 
 _LOCK = threading.Lock()
 #: Recurrent ops onnx-ad rewrites as a Scan over their equations before differentiating.
@@ -46,6 +56,18 @@ IM2COL_BYTES = 256 << 20
 #: Whether :func:`reverse` aligns the ranks of broadcasting operands (:mod:`._rankalign`); off only
 #: to measure it (``tools/bench_unit.py --without rank-align``).
 ALIGN_RANKS = True
+#: Whether Clip's input adjoint is ``g * Cast(x == Clip(x))`` (:func:`_clip_reverse`) rather than
+#: onnx-ad's two comparisons, two Nots, an And and a Where; off only to measure it
+#: (``tools/bench_unit.py --without clip-mask``).
+CLIP_MASK = True
+#: Whether a depthwise Conv's weight adjoint takes one group per (sample, channel)
+#: (:func:`_depthwise_adjoint`) rather than transposing X and G; off only to measure it
+#: (``tools/bench_unit.py --without dw-direct``).
+DEPTHWISE_DIRECT = True
+#: Whether :func:`reverse` turns Transposes that only move axes of size 1 (the seed axis, with
+#: ``seeds=1``) into Reshapes (:func:`._rankalign.transposes_as_reshapes`); off only to measure it
+#: (``tools/bench_unit.py --without seed-reshape``).
+SEED_RESHAPES = True
 
 _Rule = Callable[[Any, Any, list[Any]], list[Any]]
 
@@ -71,7 +93,9 @@ def differentiable(op_type: str) -> bool:
     return all(n is not None and differentiable(n.op_type) for n in body)
 
 
-def reverse(model: onnx.ModelProto, inputs: Sequence[str], output: str) -> onnx.ModelProto:
+def reverse(
+    model: onnx.ModelProto, inputs: Sequence[str], output: str, seeds: int | None = None
+) -> onnx.ModelProto:
     """``onnx_ad.reverse(model, inputs, [output], layout="onnx")`` under :func:`grouped_conv_rule`,
     without two kinds of dead weight onnxruntime would run (measured, 2 CPU threads):
 
@@ -82,19 +106,26 @@ def reverse(model: onnx.ModelProto, inputs: Sequence[str], output: str) -> onnx.
 
     and with every lower-rank operand of a broadcasting op at full rank (:mod:`._rankalign`).
 
-    The result has the seed input ``adj_<output>`` (shape ``[nadj]``) and, after ``model``'s own
-    outputs, one output ``adj_<x>`` of shape ``x.shape + [nadj]`` per entry of ``inputs``.
+    The result has the seed input ``adj_<output>`` (shape ``[nadj]``, or ``[seeds]`` when given)
+    and, after ``model``'s own outputs, one output ``adj_<x>`` of shape ``x.shape + [nadj]`` per
+    entry of ``inputs``. With ``seeds`` every shape can be static, and Transposes that only move
+    axes of size 1 become Reshapes (:func:`._rankalign.transposes_as_reshapes`).
 
     Raises:
         onnx_ad.UnsupportedOperator: an op between ``inputs`` and ``output`` has no rule.
     """
     with grouped_conv_rule():
         gradient = ir.from_proto(onnx_ad.reverse(model, inputs=list(inputs), outputs=[output], layout="onnx"))
+    if seeds is not None:
+        (seed,) = [v for v in gradient.graph.inputs if v.name == f"adj_{output}"]
+        seed.shape = ir.Shape([seeds])
     onnx_ir.passes.common.ShapeInferencePass(strict_mode=False, data_prop=False)(gradient)
     for node in list(gradient.graph):
         if _noop_reduce(node) and not node.outputs[0].is_graph_output():
             node.outputs[0].replace_all_uses_with(node.inputs[0])  # type: ignore[arg-type]
             gradient.graph.remove(node, safe=True)
+    if SEED_RESHAPES:
+        transposes_as_reshapes(gradient)
     if ALIGN_RANKS:
         align_ranks(gradient)
     onnx_ir.passes.common.RemoveUnusedNodesPass()(gradient)
@@ -121,18 +152,37 @@ def _noop_reduce(node: ir.Node) -> bool:
 
 @contextlib.contextmanager
 def grouped_conv_rule() -> Iterator[None]:
-    """Within the block, ``onnx_ad.reverse`` also differentiates grouped Convs w.r.t. the weight.
+    """Within the block, ``onnx_ad.reverse`` also differentiates grouped Convs w.r.t. the weight,
+    Slices with steps > 1, and Clip with :func:`_clip_reverse` (with :data:`CLIP_MASK`).
 
     Thread-safe: concurrent blocks run one after the other (the rule table is process-global).
     """
     with _LOCK:
-        conv, slice_ = rules.REVERSE["Conv"], rules.REVERSE["Slice"]
-        rules.REVERSE["Conv"] = functools.partial(_conv_reverse, conv)
-        rules.REVERSE["Slice"] = functools.partial(_slice_reverse, slice_)
+        saved = {op: rules.REVERSE[op] for op in ("Conv", "Slice", "Clip")}
+        rules.REVERSE["Conv"] = functools.partial(_conv_reverse, saved["Conv"])
+        rules.REVERSE["Slice"] = functools.partial(_slice_reverse, saved["Slice"])
+        if CLIP_MASK:
+            rules.REVERSE["Clip"] = functools.partial(_clip_reverse, saved["Clip"])
         try:
             yield
         finally:
-            rules.REVERSE["Conv"], rules.REVERSE["Slice"] = conv, slice_
+            rules.REVERSE.update(saved)
+
+
+def _clip_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> list[Any]:
+    """onnx-ad's Clip rule where a bound's adjoint is wanted; otherwise the input adjoint as
+    ``g * Cast(x == Clip(x))``: x is inside [min, max] (bounds included, as in onnx-ad's rule)
+    exactly where clipping leaves it unchanged. onnx-ad's mask takes two comparisons, two Nots
+    and an And, and selects with a Where, which onnxruntime's CPU provider runs at 2-3x the time
+    of a Mul; on EfficientNet-Lite0's ReLU6 blocks at batch 32 this was a third of the step
+    (BENCHMARKS.md, "gradient-graph rewrites")."""
+    bounds = [name for name in node.input[1:3] if name]
+    if not bounds or any(ctx.asked_for(name) for name in bounds):
+        return original(ctx, node, grads)
+    x, y = node.input[0], node.output[0]
+    inside = ctx.b.op("Equal", [x, y], stem="clip_inside")
+    derivative = ctx.b.op("Cast", [inside], to=ctx.dtype(y, x), stem="clip_d")
+    return [ctx.b.op("Mul", [grads[0], ctx.lift(derivative)], stem="a_" + x)] + [None] * (len(node.input) - 1)
 
 
 def _slice_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> list[Any]:
@@ -300,9 +350,7 @@ def _im2col_adjoint(ctx: Any, node: Any, seeded: str) -> str:
     cols = b.op(
         "Conv", [x, b.constant(onehot.reshape(c * taps, 1, *kernel), ctx.dtype(x))],
         group=c, kernel_shape=kernel, stem="ic_cols",
-        pads=list(attribute(node, "pads", [0] * (2 * spatial))),
-        strides=list(attribute(node, "strides", [1] * spatial)),
-        dilations=list(attribute(node, "dilations", [1] * spatial)),
+        **_geometry(node, spatial),
     )  # fmt: skip
     cols = b.op("Reshape", [cols, b.ints([n, c * taps, positions])], stem="ic_cols")
     # G [N, M, *Ho, S] -> [S, N, M, *Ho] -> [S*N, M, P] -> [S*N, P, M]. The seed axis goes to the
@@ -368,9 +416,10 @@ def _weight_adjoint(ctx: Any, node: Any, seeded: str) -> str:
     n, m, per_group = shape_x[0], shape_w[0], shape_w[1]
     kernel, rank = list(shape_w[2:]), 2 + spatial
     space = list(range(3, 3 + spatial))
-    strides = list(attribute(node, "strides", [1] * spatial))
-    dilations = list(attribute(node, "dilations", [1] * spatial))
-    pads = list(attribute(node, "pads", [0] * (2 * spatial)))
+    if per_group == 1 and m == group and DEPTHWISE_DIRECT:
+        return _depthwise_adjoint(ctx, node, seeded)
+    geometry = _geometry(node, spatial)
+    strides, dilations, pads = geometry["strides"], geometry["dilations"], geometry["pads"]
     # X [N, C, *H] -> [N, g, C/g, *H] -> [C/g, g, N, *H] -> [C/g, g*N, *H]
     xt = b.op("Reshape", [x, b.ints([n, group, per_group, *shape_x[2:]])], stem="dw_x")
     xt = b.op("Transpose", [xt], perm=[2, 1, 0, *space], stem="dw_x")
@@ -385,3 +434,44 @@ def _weight_adjoint(ctx: Any, node: Any, seeded: str) -> str:
     product = ctx.slice(product, [0] * spatial, kernel, list(range(2, rank)), stem="dw_crop")
     product = b.op("Reshape", [product, b.ints([per_group, m, -1, *kernel])], stem="dw_split")
     return str(b.op("Transpose", [product], perm=[1, 0, *space, 2], stem="dw_weight"))
+
+
+def _depthwise_adjoint(ctx: Any, node: Any, seeded: str) -> str:
+    """dL/dW of a depthwise Conv (``C/g = 1``, ``M = C = g``) with one group per (sample, channel)
+    instead of one per channel, so neither X nor G is transposed::
+
+        X'  = X [N, C, *H] -> [1, N*C, *H]                               (a free reshape)
+        G'  = G [N, C, *Ho, S] -> [N, C, S, *Ho] -> [N*C*S, 1, *Ho]       (moves S; free when S = 1)
+        P   = Conv(X', G', group=N*C, pads=pads, strides=dilations, dilations=strides)  [1, N*C*S, *K']
+        dW  = P[..., :K] -> [N, C, S, *K] -> sum over N -> [C, 1, S, *K] -> [C, 1, *K, S]
+
+    :func:`_weight_adjoint`'s form sums over N inside the Conv but transposes X and G, each the size
+    of the layer's activations: at EfficientNet-Lite0's 112x112 depthwise Conv (batch 32) the two
+    transposes took as long as its Conv (BENCHMARKS.md, "gradient-graph rewrites").
+    """
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    shape_x, shape_w, shape_y = (ctx.shapes.static(name) for name in (x, w, y))
+    b, spatial = ctx.b, len(shape_w) - 2
+    n, channels, kernel, rank = shape_x[0], shape_w[0], list(shape_w[2:]), 2 + spatial
+    geometry = _geometry(node, spatial)
+    xt = b.op("Reshape", [x, b.ints([1, n * channels, *shape_x[2:]])], stem="dw_x")
+    gt = b.op("Transpose", [seeded], perm=[0, 1, rank, *range(2, rank)], stem="dw_g")
+    gt = b.op("Reshape", [gt, b.ints([-1, 1, *shape_y[2:]])], stem="dw_g")
+    product = b.op(
+        "Conv", [xt, gt], group=n * channels, pads=geometry["pads"],
+        strides=geometry["dilations"], dilations=geometry["strides"], stem="dw_conv_w",
+    )  # fmt: skip
+    product = ctx.slice(product, [0] * spatial, kernel, list(range(2, rank)), stem="dw_crop")
+    product = b.op("Reshape", [product, b.ints([n, channels, -1, *kernel])], stem="dw_split")
+    product = ctx.reduce_sum(product, [0], keepdims=0)  # [C, S, *K]
+    product = b.op("Reshape", [product, b.ints([channels, 1, -1, *kernel])], stem="dw_split")
+    return str(b.op("Transpose", [product], perm=[0, 1, *range(3, 3 + spatial), 2], stem="dw_weight"))
+
+
+def _geometry(node: Any, spatial: int) -> dict[str, list[int]]:
+    """A Conv node's ``pads``, ``strides`` and ``dilations``, with ONNX's defaults."""
+    return {
+        "pads": list(attribute(node, "pads", [0] * (2 * spatial))),
+        "strides": list(attribute(node, "strides", [1] * spatial)),
+        "dilations": list(attribute(node, "dilations", [1] * spatial)),
+    }

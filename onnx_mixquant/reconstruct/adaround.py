@@ -209,7 +209,7 @@ def _build(
     shape = tuple(d if isinstance(d, int) else -1 for d in out.shape)
     training, wrt = _training(fp_model, unit, weights, batch_shape, shape, fisher, act_quant, dtype)
     try:
-        gradient = reverse(training, wrt, training.graph.output[0].name)
+        gradient = reverse(training, wrt, training.graph.output[0].name, seeds=1)
     except onnx_ad.UnsupportedOperator as e:
         raise UnsupportedModelError(f"unit {unit.name!r}: onnx-ad cannot differentiate it: {e}") from e
     return _Models(training, gradient, forward, shape)

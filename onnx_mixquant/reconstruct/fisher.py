@@ -101,7 +101,7 @@ class FisherProgram:
         self.training_model = _infer(ir.to_proto(cut), tensor)
         loss = self.training_model.graph.output[0].name
         try:
-            self.gradient_model = reverse(self.training_model, [tensor], loss)
+            self.gradient_model = reverse(self.training_model, [tensor], loss, seeds=1)
         except onnx_ad.UnsupportedOperator as e:
             raise UnsupportedModelError(f"--fisher: tensor {tensor!r}: onnx-ad cannot differentiate"
                                         f" the logits: {e}") from e  # fmt: skip
