@@ -174,8 +174,8 @@ def _clip_reverse(original: _Rule, ctx: Any, node: Any, grads: list[Any]) -> lis
     ``g * Cast(x == Clip(x))``: x is inside [min, max] (bounds included, as in onnx-ad's rule)
     exactly where clipping leaves it unchanged. onnx-ad's mask takes two comparisons, two Nots
     and an And, and selects with a Where, which onnxruntime's CPU provider runs at 2-3x the time
-    of a Mul; on EfficientNet-Lite0's ReLU6 blocks at batch 32 this was a third of the step
-    (BENCHMARKS.md, "gradient-graph rewrites")."""
+    of a Mul: in its profile of EfficientNet-Lite0's 112x112 MBConv step (batch 32), 37 % of the
+    step (BENCHMARKS.md, "gradient-graph rewrites", ``clip-mask``)."""
     bounds = [name for name in node.input[1:3] if name]
     if not bounds or any(ctx.asked_for(name) for name in bounds):
         return original(ctx, node, grads)
