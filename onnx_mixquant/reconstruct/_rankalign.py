@@ -22,6 +22,8 @@ axes that are not 1 keep their order.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -49,8 +51,7 @@ def align_ranks(model: ir.Model) -> int:
     """
     graph = model.graph
     opset = model.opset_imports.get("", 0)
-    taken: set[str | None] = {v.name for node in graph for v in node.outputs}
-    fresh = name_maker(taken | {v.name for v in graph.inputs} | set(graph.initializers))
+    fresh = _name_maker(graph)
     reshaped: dict[tuple[int, int], ir.Value] = {}  # (id of the value, rank) -> its aligned copy
     changed = 0
 
@@ -81,21 +82,12 @@ def align_ranks(model: ir.Model) -> int:
                 node.replace_input_with(i, new)
             else:
                 if opset >= 13:
-                    axes_name = fresh(f"{value.name}_rank{rank}_axes")
-                    axes = ir.Value(
-                        name=axes_name,
-                        const_value=ir.tensor(np.arange(missing, dtype=np.int64), name=axes_name),
-                        type=ir.TensorType(ir.DataType.INT64),
-                        shape=ir.Shape([missing]),
-                    )
-                    graph.register_initializer(axes)
+                    axes = _int64_initializer(graph, fresh(f"{value.name}_rank{rank}_axes"), range(missing))
                     unsqueeze = ir.node("Unsqueeze", [value, axes])
                 else:
                     unsqueeze = ir.node("Unsqueeze", [value], {"axes": list(range(missing))})
-                unsqueeze.name = fresh(f"{value.name}_rank{rank}")
-                result = unsqueeze.outputs[0]
-                result.name, result.type, result.shape = unsqueeze.name, value.type, shape
-                graph.insert_before(node, unsqueeze)
+                name = fresh(f"{value.name}_rank{rank}")
+                result = _insert_before(graph, node, unsqueeze, name, value.type, shape)
                 reshaped[key] = result
                 node.replace_input_with(i, result)
             changed += 1
@@ -110,8 +102,7 @@ def transposes_as_reshapes(model: ir.Model) -> int:
     output is left as it is.
     """
     graph = model.graph
-    taken: set[str | None] = {v.name for node in graph for v in node.outputs}
-    fresh = name_maker(taken | {v.name for v in graph.inputs} | set(graph.initializers))
+    fresh = _name_maker(graph)
     changed = 0
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
@@ -127,20 +118,40 @@ def transposes_as_reshapes(model: ir.Model) -> int:
         if moved != sorted(moved):
             continue
         target = [dims[axis] for axis in perm]
-        shape_name = fresh(f"{out.name}_shape")
-        shape = ir.Value(
-            name=shape_name,
-            const_value=ir.tensor(np.array(target, dtype=np.int64), name=shape_name),
-            type=ir.TensorType(ir.DataType.INT64),
-            shape=ir.Shape([len(target)]),
-        )
-        graph.register_initializer(shape)
+        shape = _int64_initializer(graph, fresh(f"{out.name}_shape"), target)
         reshape = ir.node("Reshape", [value, shape])
-        reshape.name = fresh(f"{node.name or out.name}_as_reshape")
-        result = reshape.outputs[0]
-        result.name, result.type, result.shape = fresh(f"{out.name}_r"), out.type, ir.Shape(target)
-        graph.insert_before(node, reshape)
-        out.replace_all_uses_with(result)
+        name = fresh(f"{node.name or out.name}_as_reshape")
+        out.replace_all_uses_with(_insert_before(graph, node, reshape, name, out.type, ir.Shape(target)))
         graph.remove(node, safe=True)
         changed += 1
     return changed
+
+
+def _name_maker(graph: ir.Graph) -> Callable[[str], str]:
+    """Fresh names outside those of ``graph``'s node outputs, inputs and initializers."""
+    taken: set[str | None] = {v.name for node in graph for v in node.outputs}
+    return name_maker(taken | {v.name for v in graph.inputs} | set(graph.initializers))
+
+
+def _int64_initializer(graph: ir.Graph, name: str, values: Iterable[int]) -> ir.Value:
+    """A 1-D int64 initializer of ``graph`` (axes, a shape)."""
+    array = np.array(list(values), dtype=np.int64)
+    value = ir.Value(
+        name=name,
+        const_value=ir.tensor(array, name=name),
+        type=ir.TensorType(ir.DataType.INT64),
+        shape=ir.Shape([array.size]),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _insert_before(
+    graph: ir.Graph, before: ir.Node, node: ir.Node, name: str, type_: ir.TypeProtocol | None, shape: ir.Shape
+) -> ir.Value:
+    """Insert the one-output ``node`` before ``before``; it and its output are called ``name``."""
+    node.name = name
+    result = node.outputs[0]
+    result.name, result.type, result.shape = name, type_, shape
+    graph.insert_before(before, node)
+    return result
