@@ -179,7 +179,7 @@ def _recon_config(opts: dict[str, Any]) -> ReconConfig:
 
 def _activation_config(opts: dict[str, Any]) -> ActivationConfig:
     return ActivationConfig(
-        enabled=bool(opts["calib"]) and not opts["weight_only"],
+        enabled=False if opts["weight_only"] else None,
         method=CalibMethod(opts["calib_method"]),
         percentile=opts["percentile"],
         symmetric=opts["act_type"] == "int8",

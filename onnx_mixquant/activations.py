@@ -14,6 +14,14 @@ Placement follows onnxruntime's QDQ convention so that, at ORT_ENABLE_ALL, DQ ->
 Graph outputs stay float by default; excluded nodes (by name or op type) keep reading the float
 tensor. Only the main graph is handled (tensors inside If/Loop/Scan bodies stay float).
 
+*Attention graphs* (a MatMul / Einsum of two computed operands, i.e. attention scores) are
+placed differently: static 8-bit ranges on the additive attention mask (which holds -inf or
+-1e4), on Softmax inputs and outputs, on normalisation internals and on residual sums destroy such
+models (MiniLM-L6 lost 9.7 Spearman points with every activation quantized, DESIGN.md). There only
+the activation input of each MatMul / Gemm / Conv with a constant weight is quantized; everything
+else stays float (``ActivationPlan.mode`` is "attention" and every other tensor is listed as kept
+float with that reason).
+
 ``insert_activation_qdq`` mutates the model.
 """
 
@@ -98,6 +106,8 @@ class ActivationPlan:
 
     sites: tuple[ActivationSite, ...]
     skipped: tuple[tuple[str, str], ...]
+    #: "default" (the QDQ convention above) or "attention" (weight-op inputs only, see above).
+    mode: str = "default"
 
     def calibrated(self) -> tuple[str, ...]:
         """Names whose ranges calibration must measure."""
@@ -150,11 +160,51 @@ def _only_read_by_activation(value: ir.Value) -> bool:
     return bool(uses) and all(u[0].op_type in ACTIVATION_OPS for u in uses) and not value.is_graph_output()
 
 
+#: Ops whose activation input is quantized in attention graphs (when their weight is constant).
+WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+#: The reason recorded for tensors an attention graph keeps float.
+ATTENTION_REASON = "attention graph: only inputs of weight MatMul/Gemm/Conv are quantized"
+
+
+def has_attention(graph: ir.Graph, const: set[int] | None = None) -> bool:
+    """True when a MatMul / Einsum multiplies two computed (non-constant) tensors."""
+    const = _constant_values(graph) if const is None else const
+    for node in graph:
+        if node.op_type in ("MatMul", "Einsum"):
+            ins = [v for v in node.inputs if v is not None]
+            if len(ins) >= 2 and all(id(v) not in const for v in ins):
+                return True
+    return False
+
+
+def _weight_op_inputs(
+    graph: ir.Graph, const: set[int], cfg: ActivationConfig, names: Mapping[ir.Node, str]
+) -> dict[int, ir.Value]:
+    """Float activation inputs of MatMul/Gemm/Conv nodes whose other (weight) operand is constant."""
+    wanted: dict[int, ir.Value] = {}
+    for node in graph:
+        if node.op_type not in WEIGHT_OPS or _excluded(node, names[node], cfg):
+            continue
+        ins = list(node.inputs[:2])
+        if len(ins) < 2 or ins[0] is None or ins[1] is None:
+            continue
+        if node.op_type in ("MatMul", "Gemm"):
+            computed = [v for v in ins if id(v) not in const]
+            v = computed[0] if len(computed) == 1 else None
+        else:  # Conv / ConvTranspose: X computed, W constant
+            v = ins[0] if id(ins[1]) in const and id(ins[0]) not in const else None
+        if v is not None and _is_float(v):
+            wanted[id(v)] = v
+    return wanted
+
+
 def plan_activations(model: ir.Model, cfg: ActivationConfig) -> ActivationPlan:
     """Choose the activation tensors of the main graph to quantize (see the module docstring)."""
     graph = model.graph
     names = node_names(model)
     const = _constant_values(graph)
+    if has_attention(graph, const):
+        return _attention_plan(graph, const, cfg, names)
     wanted = _candidates(graph, const, cfg, names)
     shared: dict[int, str] = {}
     for node in graph:  # propagate parameters through pass-through ops, in topological order
@@ -188,6 +238,26 @@ def plan_activations(model: ir.Model, cfg: ActivationConfig) -> ActivationPlan:
         len(skipped),
     )
     return ActivationPlan(sites=tuple(sites), skipped=tuple(skipped))
+
+
+def _attention_plan(
+    graph: ir.Graph, const: set[int], cfg: ActivationConfig, names: Mapping[ir.Node, str]
+) -> ActivationPlan:
+    wanted = _weight_op_inputs(graph, const, cfg, names)
+    others = _candidates(graph, const, cfg, names)
+    sites = []
+    for v in [*graph.inputs, *(o for n in graph for o in n.outputs)]:
+        if id(v) not in wanted:
+            continue
+        readers = tuple(
+            names[node]
+            for node, _ in v.uses()
+            if node.graph is graph and node.op_type in WEIGHT_OPS and not _excluded(node, names[node], cfg)
+        )
+        sites.append(ActivationSite(name=v.name or "", shared_with=None, readers=readers))
+    skipped = tuple((v.name or "", ATTENTION_REASON) for k, v in others.items() if k not in wanted)
+    logger.info("activation plan (attention graph): %d weight-op inputs quantized", len(sites))
+    return ActivationPlan(sites=tuple(sites), skipped=skipped, mode="attention")
 
 
 def activation_qparams(rmin: float, rmax: float, symmetric: bool) -> QParams:

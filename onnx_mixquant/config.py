@@ -247,7 +247,9 @@ class ImageSpec:
 class ActivationConfig:
     """Static activation quantization (needs calibration data)."""
 
-    enabled: bool = False
+    #: None: on when calibration data are given (the CLI's ``--calib`` and ``quantize(calib=...)``
+    #: alike; ``pipeline.resolve_config`` settles it), False: weight-only (``--weight-only``).
+    enabled: bool | None = None
     #: Percentile was the best of the three on two of the three bench models (BENCHMARKS.md).
     method: CalibMethod = CalibMethod.PERCENTILE
     #: PERCENTILE keeps this share (in %) of the values inside the range.

@@ -27,6 +27,7 @@ from onnx_mixquant import (
     graph,
     rounding,
     search,
+    synthetic,
     validate,
 )
 from onnx_mixquant._assemble import gate_failures, settings_dict, warnings_for, weight_reports
@@ -52,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 #: progress(stage, done, total, info=""): called by long stages; the CLI draws it on stderr.
 Progress = Callable[..., None]
-#: ask_dim(input_name, dim_name) -> value, for symbolic input dims not given in the config.
-AskDim = Callable[[str, str], int]
 
 
 def _stage_progress(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
@@ -80,7 +79,6 @@ def quantize(
     calib: Any = None,
     image_spec: ImageSpec | None = None,
     progress: Progress | None = None,
-    ask_dim: AskDim | None = None,
 ) -> Report:
     """Quantize the weights of ``input_path`` and write the QDQ model to ``output_path``.
 
@@ -89,13 +87,13 @@ def quantize(
         output_path: where to write; never the input. Written only when every quality gate passes.
         config: all options; defaults when None.
         samples_path: .npz/.npy inputs (and optional labels) to validate on; else the calibration
-            data when given, else random inputs.
+            data when given, else synthetic inputs (:mod:`onnx_mixquant.synthetic`; indicative
+            only, and validation is skipped with a warning when the FP model rejects them).
         calib: calibration data for activation quantization (``config.activations.enabled``): a
             path (folder of .npy/.npz, one .npz, ONNX test_data_set folders, a folder of images),
             a list of paths, an onnxruntime ``CalibrationDataReader`` or an iterable of input dicts.
         image_spec: preprocessing when ``calib`` is a folder of images.
         progress: progress(stage, done, total) for long stages.
-        ask_dim: asked for symbolic input dims the config does not set (random inputs only).
 
     Returns:
         The report. ``report.output_written`` is False when a quality gate failed.
@@ -120,7 +118,7 @@ def quantize(
                 f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
             )
         calib_data = _open_calibration(read, cfg, calib, image_spec)
-        samples = _samples(read, cfg, samples_path, calib_data, ask_dim) if cfg.validate.enabled else None
+        samples = _samples(read, cfg, samples_path, calib_data, notes) if cfg.validate.enabled else None
         weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
         recon, learned = None, None
         bias_notes = notes if bias_auto else None
@@ -162,6 +160,9 @@ def quantize(
                     result = validate.validate(
                         src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
                     )
+            elif cfg.validate.enabled:  # no inputs to compare on: at least onnxruntime must load it
+                with _timed(timings, "load_check"):
+                    validate.check_loads(staged.path)
             if acts is not None:
                 with _timed(timings, "fusion_check"):
                     acts = replace(acts, fusion=check_fusion(staged.path, acts.compute_nodes))
@@ -195,8 +196,12 @@ def quantize(
 
 
 def resolve_config(cfg: QuantConfig, *, has_calib: bool = False) -> QuantConfig:
-    """Fill in the settings whose default depends on others: the weight symmetry (see
-    QuantizerConfig) and the bias correction (on when there are calibration data, see BiasConfig)."""
+    """Fill in the settings whose default depends on others, in one place for the CLI and the
+    Python API: activation quantization (on when there are calibration data, see
+    ActivationConfig), the weight symmetry (see QuantizerConfig) and the bias correction (on when
+    there are calibration data, see BiasConfig)."""
+    if cfg.activations.enabled is None:
+        cfg = replace(cfg, activations=replace(cfg.activations, enabled=has_calib))
     if cfg.quantizer.symmetry is None:
         sym = Symmetry.SYMMETRIC_INT8 if cfg.activations.enabled else Symmetry.ASYMMETRIC
         cfg = replace(cfg, quantizer=replace(cfg.quantizer, symmetry=sym))
@@ -420,6 +425,7 @@ def _quantize_activations(
         compute_nodes=compute,
         fusion=None,
         folded_pads=tuple(folded),
+        placement=aplan.mode,
     )
 
 
@@ -437,18 +443,21 @@ def _samples(
     cfg: QuantConfig,
     samples_path: str | Path | None,
     calib: data.CalibrationData | None,
-    ask_dim: AskDim | None,
-) -> validate.Samples:
-    """Validation inputs: the samples file, else calibration data, else random of resolved shapes."""
+    notes: list[str],
+) -> validate.Samples | None:
+    """Validation inputs: the samples file, else calibration data, else synthetic inputs (None,
+    with a note, when the FP model runs on none)."""
     if samples_path is not None:
         return data.load_samples(samples_path, read.inputs)
     if calib is not None:
         return calib.as_samples(limit=VALIDATION_FROM_CALIB)
-    dims = dict(cfg.validate.dims)
-    if ask_dim is not None:
-        for inp in read.inputs:
-            for d in inp.dims:
-                if isinstance(d, str) and d not in dims:
-                    dims[d] = ask_dim(inp.name, d)
-    shapes = validate.resolve_dims(read.inputs, dims)
-    return validate.random_samples(read.inputs, shapes, cfg.validate.num_samples, cfg.seed)
+    found, plan, why = synthetic.synthetic_samples(
+        read.path, read.inputs, read.model, cfg.validate.dims, cfg.validate.num_samples, cfg.seed
+    )
+    guessed = [c for c in plan.chosen if "(batch default)" not in c]
+    if guessed:
+        notes.append("random validation inputs use default dims: " + "; ".join(guessed))
+    if found is None:
+        logger.warning("validation skipped: %s", why)
+        notes.append(f"validation skipped (give --samples or --dim): {why}")
+    return found

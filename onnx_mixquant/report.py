@@ -78,6 +78,8 @@ class ActivationReport:
     fusion: FusionResult | None
     #: Zero Pad nodes folded into the Conv reading them (exact; onnxruntime's quant_pre_process does it).
     folded_pads: tuple[str, ...] = ()
+    #: "default" or "attention" (only the inputs of weight ops; see activations.py).
+    placement: str = "default"
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,14 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
 def _validation_lines(v: ValidationResult | None) -> list[str]:
     if v is None:
         return ["validation: skipped"]
-    out = [f"validation on {v.num_samples} samples ({v.sample_source}):"]
+    head = f"validation on {v.num_samples} samples ({v.sample_source}):"
+    if v.indicative:
+        head = (
+            f"validation on {v.num_samples} RANDOM samples (indicative only: says whether the quantized "
+            "model computes the same function on some inputs, not how accurate it is on real data; give "
+            "--samples or --calib for a real check):"
+        )
+    out = [head]
     for run in v.runs:
         for o in run.outputs:
             agree = "" if o.top1_agreement is None else f" top-1 agreement {o.top1_agreement:.2%}"
@@ -234,6 +243,11 @@ def _activation_lines(a: ActivationReport | None) -> list[str]:
         f"activations: {a.dtype} {a.method} ranges from {a.num_samples} samples ({a.calib_source}); "
         f"{len(a.tensors)} tensors quantized, {len(a.skipped)} kept float"
     ]
+    if a.placement == "attention":
+        out.append(
+            "attention graph: only the inputs of weight MatMul/Gemm/Conv are quantized; attention "
+            "scores, masks, Softmax, normalisation and residual sums stay float"
+        )
     if a.folded_pads:
         out.append(f"{len(a.folded_pads)} zero Pad nodes folded into the Conv reading them (exact)")
     if a.fusion is not None:

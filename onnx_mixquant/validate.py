@@ -12,7 +12,7 @@ run of the quantized model only accumulates sums and counts batch by batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,7 @@ from onnx_mixquant._ortsession import CPU, first_line, open_session
 from onnx_mixquant._ortsession import _cuda_works as _cuda_works
 from onnx_mixquant._ortsession import available_providers as available_providers
 from onnx_mixquant.config import ValidateConfig
-from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError, ModelLoadError
-from onnx_mixquant.graph import ModelInput
+from onnx_mixquant.errors import CalibrationError, ExportError, ModelLoadError
 
 __all__ = [
     "OutputMetrics",
@@ -32,8 +31,6 @@ __all__ = [
     "Samples",
     "ValidationResult",
     "available_providers",
-    "random_samples",
-    "resolve_dims",
     "validate",
 ]
 
@@ -46,11 +43,6 @@ _LEVELS: tuple[tuple[str, ort.GraphOptimizationLevel], ...] = (
     ("ORT_ENABLE_ALL", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
     ("ORT_DISABLE_ALL", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
 )
-#: Random integer inputs are drawn from [0, _INT_HIGH): small and non-negative, so that they are
-#: valid indices / token ids for most models.
-_INT_HIGH = 10
-#: Dim values that mean "unknown, unnamed" in ModelInput.dims.
-_UNNAMED = ("", "?")
 
 
 @dataclass(frozen=True)
@@ -61,11 +53,14 @@ class Samples:
         feeds: batches, each a dict input name -> array (batch on axis 0).
         labels: int64 class labels for all samples concatenated (for top-1 accuracy), or None.
         source: where they came from, e.g. "random (seed 0)" or a file path.
+        synthetic: drawn at random (:mod:`onnx_mixquant.synthetic`), not data the model will see:
+            results are indicative only and no top-1 figure is given.
     """
 
     feeds: tuple[Feed, ...]
     labels: np.ndarray | None
     source: str
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,81 +97,9 @@ class ValidationResult:
     num_samples: int
     sample_source: str
     providers: tuple[str, ...]  # providers that actually ran
-
-
-def _is_unnamed(dim: object) -> bool:
-    """True for a dim that is neither a size nor a name (None, "", "?", a negative int)."""
-    return dim is None or dim in _UNNAMED or (isinstance(dim, int) and dim < 0)
-
-
-def resolve_dims(inputs: Sequence[ModelInput], dims: Mapping[str, int] | None) -> dict[str, tuple[int, ...]]:
-    """Concrete shape per input; symbolic dims from ``dims`` by dim name. Raises ConfigError listing
-    every unresolved symbolic dim (input name, position, dim name) when one is missing."""
-    dims = dict(dims or {})
-    shapes: dict[str, tuple[int, ...]] = {}
-    missing: list[str] = []
-    used: set[str] = set()
-    for inp in inputs:
-        shape: list[int] = []
-        for pos, d in enumerate(inp.dims):
-            if isinstance(d, int) and d >= 0:
-                shape.append(d)
-            elif not _is_unnamed(d) and str(d) in dims:
-                used.add(str(d))
-                shape.append(dims[str(d)])
-            else:
-                label = "unnamed, unknown" if _is_unnamed(d) else repr(d)
-                missing.append(f"input {inp.name!r} dim {pos} ({label})")
-        shapes[inp.name] = tuple(shape)
-    if missing:
-        raise ConfigError(
-            "cannot make sample inputs: unresolved symbolic dimensions: "
-            + "; ".join(missing)
-            + ". Give a value per dim name (--dim NAME=1 on the command line, ValidateConfig.dims in "
-            + "Python), or give sample data (--samples)"
-        )
-    unused = sorted(set(dims) - used)
-    if unused:
-        logger.warning("dimension values not used by any model input: %s", ", ".join(unused))
-    return shapes
-
-
-def _np_dtype(inp: ModelInput) -> np.dtype:
-    """The input's NumPy dtype, when random samples can be drawn for it (float, int, bool)."""
-    dtype = None
-    if inp.dtype not in _UNNAMED:  # np.dtype("?") would be bool
-        try:
-            dtype = np.dtype(inp.dtype)
-        except TypeError:
-            pass
-    if dtype is None or dtype.kind not in "fiub":
-        what = "unknown element type" if inp.dtype in _UNNAMED else f"element type {inp.dtype!r}"
-        raise ConfigError(f"input {inp.name!r}: cannot make random samples of {what}; give data")
-    return dtype
-
-
-def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype.kind == "f":
-        return np.asarray(rng.standard_normal(shape), dtype=dtype)
-    if dtype.kind in "iu":
-        return np.asarray(rng.integers(0, _INT_HIGH, size=shape), dtype=dtype)
-    return np.asarray(rng.random(shape) < 0.5)  # rank-0 inputs need arrays, not NumPy scalars
-
-
-def random_samples(
-    inputs: Sequence[ModelInput], shapes: dict[str, tuple[int, ...]], num: int, seed: int
-) -> Samples:
-    """``num`` random feeds of the resolved shapes (standard normal for float inputs, small
-    non-negative ints for integer inputs, random bools), from np.random.default_rng(seed)."""
-    if num < 1:
-        raise ConfigError(f"number of random samples must be >= 1, got {num!r}")
-    dtypes = {inp.name: _np_dtype(inp) for inp in inputs}
-    for name in dtypes:
-        if name not in shapes:
-            raise ConfigError(f"input {name!r}: no resolved shape")
-    rng = np.random.default_rng(seed)
-    feeds = tuple({n: _random_array(rng, dt, shapes[n]) for n, dt in dtypes.items()} for _ in range(num))
-    return Samples(feeds=feeds, labels=None, source=f"random (seed {seed})")
+    #: True for synthetic (random) inputs: a check that the model computes the same function on
+    #: some inputs, not a measure of its accuracy; top-1 agreement is not computed then.
+    indicative: bool = False
 
 
 def _tensor_output_names(sess: ort.InferenceSession, path: Path) -> tuple[str, ...]:
@@ -305,13 +228,13 @@ def _run_quant(
     return accs, predictions
 
 
-def _metrics(ref: _Reference, accs: Sequence[_Acc]) -> tuple[OutputMetrics, ...]:
+def _metrics(ref: _Reference, accs: Sequence[_Acc], agreement: bool) -> tuple[OutputMetrics, ...]:
     return tuple(
         OutputMetrics(
             name=name,
             sqnr_db=_sqnr_db(energy, acc.sq_err),
             max_abs_error=acc.max_abs,
-            top1_agreement=acc.agree / acc.rows if acc.rows else None,
+            top1_agreement=acc.agree / acc.rows if acc.rows and agreement else None,
         )
         for name, energy, acc in zip(ref.names, ref.energy, accs, strict=True)
     )
@@ -361,15 +284,29 @@ def validate(
         for level in _LEVELS:
             accs, predictions = _run_quant(Path(quant_path), provider, level, samples, ref, tick)
             top1_quant = _accuracy(predictions, labels) if labels is not None else None
-            run = RunMetrics(provider, level[0], _metrics(ref, accs), top1_fp, top1_quant)
+            metrics = _metrics(ref, accs, agreement=not samples.synthetic)
+            run = RunMetrics(provider, level[0], metrics, top1_fp, top1_quant)
             worst = min((o.sqnr_db for o in run.outputs), default=float("inf"))
             logger.info("validate %s %s: lowest output SQNR %.2f dB", provider, level[0], worst)
             runs.append(run)
     num = sum(_feed_rows(f) for f in samples.feeds)
-    return ValidationResult(tuple(runs), num, samples.source, providers)
+    return ValidationResult(tuple(runs), num, samples.source, providers, indicative=samples.synthetic)
 
 
 def _feed_rows(feed: Feed) -> int:
     """Samples in one batch: axis 0 of its first input (1 for scalar inputs or no inputs)."""
     first = next(iter(feed.values()), None)
     return int(first.shape[0]) if first is not None and np.ndim(first) >= 1 else 1
+
+
+def check_loads(quant_path: Path) -> None:
+    """Open the quantized model in onnxruntime (CPU, ORT_ENABLE_ALL: the level that fuses, and
+    the one that refuses some forms) when there are no inputs to validate on.
+
+    Raises:
+        ExportError: onnxruntime cannot open it.
+    """
+    try:
+        open_session(Path(quant_path), CPU, *_LEVELS[0])
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot open {quant_path} at {_LEVELS[0][0]}: {first_line(e)}") from e

@@ -207,12 +207,16 @@ def test_bad_options_exit_2(runner: CliRunner, tmp_path: Path, args: list[str], 
     assert not out.exists()
 
 
-def test_symbolic_dims_need_a_value(runner: CliRunner, tmp_path: Path) -> None:
+def test_plain_command_defaults_symbolic_dims(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    _expect_error(runner, [str(DEMO_MODEL), str(out)], 2, "'N'", "--dim")
-    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--dim", "N=2", "-q"])
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "-q"], input="")
     assert res.exit_code == 0, res.output
-    assert "random" in res.output
+    assert out.exists() and "RANDOM samples (indicative only" in res.output
+    assert "top-1" not in res.output  # no headline figure from random inputs
+    res = runner.invoke(main, [str(DEMO_MODEL), str(out), "--dim", "N=2", "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    v = json.loads(res.stdout)["validation"]
+    assert v["indicative"] is True and v["num_samples"] == 16  # 8 samples of batch 2
 
 
 def test_bad_samples_file(runner: CliRunner, tmp_path: Path) -> None:

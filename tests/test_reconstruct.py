@@ -23,6 +23,7 @@ def _cfg(method: RoundingMethod, iters: int = 80) -> QuantConfig:
     return QuantConfig(
         search=SearchConfig(target_bits=3.0),
         recon=ReconConfig(method=method, iters=iters, samples=128, batch=16),
+        activations=ActivationConfig(enabled=False),  # weight-only: calibration data feed BRECQ alone
         validate=ValidateConfig(enabled=True),
     )
 

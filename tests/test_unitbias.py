@@ -23,7 +23,14 @@ from onnx_mixquant import (
     quantize,
 )
 from onnx_mixquant.biascorrect import plan_correction
-from onnx_mixquant.config import QuantizerConfig, ReconConfig, ReconGranularity, RoundingMethod, Symmetry
+from onnx_mixquant.config import (
+    ActivationConfig,
+    QuantizerConfig,
+    ReconConfig,
+    ReconGranularity,
+    RoundingMethod,
+    Symmetry,
+)
 from onnx_mixquant.graph import find_weight_sites, weight_array, weight_values
 from onnx_mixquant.numerics import dequantize
 from onnx_mixquant.report import format_text
@@ -129,6 +136,7 @@ def _cfg(mode: BiasCorrection | None) -> QuantConfig:
         search=SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None),
         recon=RECON,
         bias=BiasConfig(mode=mode),
+        activations=ActivationConfig(enabled=False),  # weight-only
         validate=ValidateConfig(enabled=False),
     )
 

@@ -13,7 +13,6 @@ import pytest
 from onnx_mixquant import validate as V
 from onnx_mixquant.config import ValidateConfig
 from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError
-from onnx_mixquant.graph import ModelInput
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -155,43 +154,6 @@ def test_bad_feeds_and_empty_samples(tmp_path: Path, weights: np.ndarray) -> Non
         V.validate(fp, fp, _samples([np.zeros((2, 3), np.float32)]), CFG)
     with pytest.raises(CalibrationError, match="no sample batches"):
         V.validate(fp, fp, _samples([]), CFG)
-
-
-def test_resolve_dims() -> None:
-    inputs = [ModelInput("x", "float32", ("N", 3, "H")), ModelInput("m", "int64", ("N", "?"))]
-    with pytest.raises(ConfigError) as info:
-        V.resolve_dims(inputs, {"N": 2})
-    msg = str(info.value)
-    assert "input 'x' dim 2 ('H')" in msg and "input 'm' dim 1 (unnamed" in msg and "'N'" not in msg
-    with pytest.raises(ConfigError, match="input 'x' dim 0 \\('N'\\)"):
-        V.resolve_dims(inputs[:1], None)
-    assert V.resolve_dims(inputs[:1], {"N": 2, "H": 5}) == {"x": (2, 3, 5)}
-    assert V.resolve_dims([ModelInput("z", "float32", (1, 4))], {}) == {"z": (1, 4)}
-
-
-def test_random_samples_deterministic() -> None:
-    inputs = [
-        ModelInput("x", "float32", (2, 3)),
-        ModelInput("i", "int64", (2,)),
-        ModelInput("b", "bool", (2,)),
-    ]
-    shapes = V.resolve_dims(inputs, None)
-    a, b = V.random_samples(inputs, shapes, 3, seed=7), V.random_samples(inputs, shapes, 3, seed=7)
-    c = V.random_samples(inputs, shapes, 3, seed=8)
-    assert len(a.feeds) == 3 and a.labels is None and a.source == "random (seed 7)"
-    for fa, fb in zip(a.feeds, b.feeds, strict=True):
-        assert all(np.array_equal(fa[k], fb[k]) for k in fa)
-    assert not np.array_equal(a.feeds[0]["x"], c.feeds[0]["x"])
-    f = a.feeds[0]
-    assert f["x"].dtype == np.float32 and f["x"].shape == (2, 3)
-    assert f["i"].dtype == np.int64 and (f["i"] >= 0).all()
-    assert f["b"].dtype == np.bool_
-
-
-def test_random_samples_unknown_dtype() -> None:
-    inputs = [ModelInput("x", "?", (2,))]
-    with pytest.raises(ConfigError, match="input 'x'.*unknown element type"):
-        V.random_samples(inputs, {"x": (2,)}, 1, seed=0)
 
 
 def test_cuda_probe_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
