@@ -25,6 +25,7 @@ __all__ = [
     "ImageLayout",
     "ImageSpec",
     "Granularity",
+    "Objective",
     "IterSplit",
     "QemReference",
     "QuantConfig",
@@ -159,6 +160,21 @@ class QuantizerConfig:
             raise ConfigError(f"mse_steps must be in 1..100, got {self.mse_steps!r}")
 
 
+class Objective(enum.Enum):
+    """What the budget rule minimises, per weight and candidate width.
+
+    ``ROUNDOFF``: the weight's normalised roundoff error ``e_b / mean(W^2)`` (data-free, the
+    MixQuant table alone). ``OUTPUT``: the measured relative error of the model's outputs with only
+    that weight quantized at that width, on calibration samples when given, else on synthetic
+    inputs (:mod:`onnx_mixquant.sensitivity`). ``AUTO``: ``OUTPUT`` where the model can be
+    probed, else ``ROUNDOFF``.
+    """
+
+    ROUNDOFF = "roundoff"
+    OUTPUT = "output"
+    AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """The MixQuant bit-width search."""
@@ -172,6 +188,10 @@ class SearchConfig:
     uniform_bits: int = 8
     overrides: tuple[WeightOverride, ...] = ()
     first_last_8bit: bool = False
+    #: The budget rule's objective (see Objective).
+    objective: Objective = Objective.ROUNDOFF
+    #: Samples the OUTPUT objective runs the model on per probe.
+    sensitivity_samples: int = 8
 
     def __post_init__(self) -> None:
         if not self.candidate_bits:
