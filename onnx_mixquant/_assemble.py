@@ -7,36 +7,117 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from enum import Enum
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnx_mixquant import export, graph, rounding, search, validate
+from onnx_mixquant._sources import describe
 from onnx_mixquant.config import QuantConfig, SearchRule
 from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.numerics import roundoff_error
 from onnx_mixquant.report import ActivationReport, WeightReport
 
-__all__ = ["gate_failures", "settings_dict", "warnings_for", "weight_reports"]
+__all__ = ["check_gate_inputs", "gate_failures", "settings_dict", "warnings_for", "weight_reports"]
+
+#: Slack on the top-1 drop in points: accuracies are k/n, and their difference x 100 rounds.
+_POINTS_TOLERANCE = 1e-9
+
+
+def check_gate_inputs(samples: validate.Samples | None, cfg: QuantConfig) -> None:
+    """Refuse, before any work, a top-1 gate that the validation samples cannot evaluate.
+
+    Raises:
+        ConfigError: ``--max-top1-drop`` without labels, or either top-1 gate on random inputs.
+    """
+    v = cfg.validate
+    gates = [
+        f
+        for f, g in (("--max-top1-drop", v.max_top1_drop), ("--min-agreement", v.min_agreement))
+        if g is not None
+    ]
+    if not gates:
+        return
+    if samples is None or samples.synthetic:
+        raise ConfigError(
+            f"{' and '.join(gates)} {'need' if len(gates) > 1 else 'needs'} real validation samples "
+            "(--samples, or --calib to hold some out); random inputs give no top-1 figure"
+        )
+    if v.max_top1_drop is not None and samples.labels is None:
+        raise ConfigError(
+            f"--max-top1-drop needs labelled validation samples; these ({samples.source}) have none: "
+            "give a 'labels' array in a .npz, class sub-folders of images, or --labels FILE.csv"
+        )
 
 
 def gate_failures(result: validate.ValidationResult | None, cfg: QuantConfig) -> list[str]:
-    """Messages for every quality threshold the quantized model misses."""
-    limit = cfg.validate.min_sqnr_db
-    if limit is None:
+    """Messages for every quality threshold the quantized model misses, on any run.
+
+    Raises:
+        ConfigError: a gate that cannot be evaluated (no validation, no top-1 figure, no
+            classifier-like output).
+    """
+    v = cfg.validate
+    given = [
+        flag
+        for flag, limit in (
+            ("--min-sqnr", v.min_sqnr_db),
+            ("--max-top1-drop", v.max_top1_drop),
+            ("--min-agreement", v.min_agreement),
+        )
+        if limit is not None
+    ]
+    if not given:
         return []
     if result is None:
-        raise ConfigError("--min-sqnr needs validation; do not combine it with --no-validate")
+        raise ConfigError(f"{given[0]} needs validation; do not combine it with --no-validate")
     failures = []
     for run in result.runs:
-        for o in run.outputs:
-            if o.sqnr_db < limit:
-                failures.append(
-                    f"output {o.name!r} SQNR {o.sqnr_db:.2f} dB < --min-sqnr {limit:g} dB "
-                    f"({run.provider}, {run.optimization})"
-                )
+        where = f"({run.provider}, {run.optimization})"
+        if v.min_sqnr_db is not None:
+            failures += [
+                f"output {o.name!r} SQNR {o.sqnr_db:.2f} dB < --min-sqnr {v.min_sqnr_db:g} dB {where}"
+                for o in run.outputs
+                if o.sqnr_db < v.min_sqnr_db
+            ]
+        if v.max_top1_drop is not None:
+            failures += _top1_drop(run, v.max_top1_drop, where)
+        if v.min_agreement is not None:
+            failures += _agreement(run, v.min_agreement, where, result.indicative)
     return failures
+
+
+def _top1_drop(run: validate.RunMetrics, limit: float, where: str) -> list[str]:
+    if run.top1_fp is None or run.top1_quant is None:
+        raise ConfigError(
+            "--max-top1-drop needs a top-1 accuracy: labelled samples and a classifier-like output "
+            "(rank 2, [batch, classes]); this model and these samples give none"
+        )
+    drop = 100 * (run.top1_fp - run.top1_quant)
+    if drop <= limit + _POINTS_TOLERANCE:
+        return []
+    return [
+        f"top-1 {run.top1_fp:.2%} -> {run.top1_quant:.2%}: drop {drop:.2f} points > "
+        f"--max-top1-drop {limit:g} {where}"
+    ]
+
+
+def _agreement(run: validate.RunMetrics, limit: float, where: str, indicative: bool) -> list[str]:
+    rated = [o for o in run.outputs if o.top1_agreement is not None]
+    if not rated:
+        why = (
+            "random inputs give none"
+            if indicative
+            else "no output is classifier-like (rank 2, [batch, classes])"
+        )
+        raise ConfigError(f"--min-agreement needs a top-1 agreement figure: {why}")
+    return [
+        f"output {o.name!r} top-1 agreement {o.top1_agreement:.2%} < --min-agreement {limit:g} {where}"
+        for o in rated
+        if o.top1_agreement is not None and o.top1_agreement < limit
+    ]
 
 
 def weight_reports(
@@ -125,8 +206,11 @@ def warnings_for(
     return tuple(out)
 
 
-def settings_dict(cfg: QuantConfig, samples_path: str | Path | None) -> dict[str, Any]:
-    """The resolved config as plain JSON values (enums by value), plus the samples path."""
+def settings_dict(
+    cfg: QuantConfig, samples_path: Any, labels_path: str | Path | None = None
+) -> dict[str, Any]:
+    """The resolved config as plain JSON values (enums by value), plus the samples (a path, a list
+    of paths, or a description of a Python object) and the labels file."""
 
     def plain(x: Any) -> Any:
         if isinstance(x, Enum):
@@ -138,8 +222,17 @@ def settings_dict(cfg: QuantConfig, samples_path: str | Path | None) -> dict[str
         return x
 
     d = plain(asdict(cfg))
-    d["samples"] = str(samples_path) if samples_path is not None else None
+    d["samples"] = _describe_samples(samples_path)
+    d["labels"] = str(labels_path) if labels_path is not None else None
     if cfg.search.rule is not SearchRule.BUDGET:
         d["search"].pop("target_bits")
         d["search"].pop("target_bytes")
     return d
+
+
+def _describe_samples(samples: Any) -> str | list[str] | None:
+    if samples is None or isinstance(samples, (str, PathLike)):
+        return None if samples is None else str(samples)
+    if isinstance(samples, (list, tuple)) and all(isinstance(p, (str, PathLike)) for p in samples):
+        return [str(p) for p in samples]
+    return describe(samples)

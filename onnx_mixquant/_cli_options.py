@@ -22,6 +22,7 @@ from onnx_mixquant.config import (
     ImageLayout,
     ImageSpec,
     IterSplit,
+    Objective,
     QemReference,
     QuantConfig,
     QuantizerConfig,
@@ -120,6 +121,7 @@ def _search_config(opts: dict[str, Any]) -> SearchConfig:
         overrides=tuple(overrides),
         first_last_8bit=opts["first_last_8bit"],
         qem_reference=QemReference(opts["qem_reference"]),
+        objective=Objective(opts["objective"]),
     )
     if opts["qem"] is not None:
         return SearchConfig(rule=SearchRule.QEM, qem=opts["qem"], target_bits=None, **common)
@@ -151,6 +153,8 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             dims=dict(opts["dim"]),
             try_cuda=opts["cuda"],
             min_sqnr_db=opts["min_sqnr"],
+            max_top1_drop=opts["max_top1_drop"],
+            min_agreement=opts["min_agreement"],
         ),
         activations=_activation_config(opts),
         recon=_recon_config(opts),
@@ -237,6 +241,7 @@ def _read_image_config(path: Path) -> dict[str, Any]:
 
 
 def calib_source(paths: tuple[Path, ...]) -> Path | list[Path] | None:
+    """The --calib (or --samples) paths as one source: None, one path, or a list of files."""
     if not paths:
         return None
     return paths[0] if len(paths) == 1 else list(paths)

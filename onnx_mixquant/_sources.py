@@ -21,7 +21,7 @@ import weakref
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,23 @@ class Unit:
     where: str
     count: int
     load: Callable[[], Mapping[str, Any]] | None = None  # None: the source reads it (readers)
+    label: int | None = None  # class id of its one sample (an image in a class sub-folder)
 
 
 class Source:
-    """An ordered list of units, read one at a time."""
+    """An ordered list of units, read one at a time.
 
-    def __init__(self, description: str, units: Sequence[Unit]) -> None:
+    Attributes:
+        description: human description (a path, "CalibrationDataReader <class>", ...).
+        units: the units, in reading order.
+        classes: class sub-folder names in sorted order (the label of an image is its folder's
+            index here) when the source is a folder of images in two or more class sub-folders.
+    """
+
+    def __init__(self, description: str, units: Sequence[Unit], classes: Sequence[str] = ()) -> None:
         self.description = description
         self.units = tuple(units)
+        self.classes = tuple(classes)
 
     def read(self, wanted: np.ndarray) -> Iterator[tuple[int, Mapping[str, Any]]]:
         """(unit index, its arrays as stored) for each unit where ``wanted`` (bool per unit) is set."""
@@ -169,8 +178,23 @@ def _open_path(path: Path, checker: Checker, image_spec: ImageSpec | None) -> So
         nested = sorted(
             p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in preprocess.IMAGE_SUFFIXES
         )
-        files = nested or files
+        if nested:
+            return _class_folders(path, nested, checker, image_spec)
     return _open_files(str(path), files, checker, image_spec, listed=False)
+
+
+def _class_folders(path: Path, images: list[Path], checker: Checker, spec: ImageSpec | None) -> Source:
+    """Images in sub-folders of ``path``; with two or more sub-folders each image is labelled with
+    the index of its top sub-folder in sorted order (torchvision's ImageFolder convention)."""
+    source = _open_files(str(path), images, checker, spec, listed=False)
+    tops = [f.relative_to(path).parts[0] for f in images]
+    classes = sorted(set(tops))
+    if len(classes) < 2:
+        return source
+    index = {c: i for i, c in enumerate(classes)}
+    units = [replace(u, label=index[t]) for u, t in zip(source.units, tops, strict=True)]
+    logger.debug("%s: %d images in %d class sub-folders", path, len(units), len(classes))
+    return Source(source.description, units, classes)
 
 
 def _open_files(

@@ -1,7 +1,8 @@
 """Command line: ``onnx-mixquant IN.onnx OUT.onnx [options]``. The only module that prints or exits.
 
 Exit codes: 0 success; 1 bad model, data or environment (one-line message); 2 bad usage or option
-value; 3 a quality gate (``--min-sqnr``) failed, so the output was not written.
+value (also a gate that these samples cannot evaluate); 3 a quality gate (``--min-sqnr``,
+``--max-top1-drop``, ``--min-agreement``) failed, so the output was not written.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from onnx_mixquant.config import (
     Granularity,
     ImageLayout,
     IterSplit,
+    Objective,
     QemReference,
     ReconGranularity,
     RoundingMethod,
     ScaleMethod,
+    SearchConfig,
     Symmetry,
 )
 from onnx_mixquant.errors import ConfigError, MixQuantError
@@ -120,6 +123,15 @@ class _StageBars:
     help="QEM reference: the layer's own smallest error, or the model's smallest 8-bit error.",
 )
 @click.option("--uniform-bits", type=int, help="Baseline: every weight at this width (no search).")
+@click.option(
+    "--objective",
+    type=click.Choice([o.value for o in Objective]),
+    default=SearchConfig().objective.value,
+    show_default=True,
+    help="What the budget rule minimises: each weight's roundoff error (data-free), or the model's "
+    "output error with that weight quantized, measured on calibration samples or synthetic inputs "
+    "(output); auto: output where the model can be run, else roundoff.",
+)
 @click.option(
     "--candidate-bits",
     default=",".join(map(str, DEFAULT_BITS)),
@@ -324,8 +336,19 @@ class _StageBars:
 )
 @click.option(
     "--samples",
+    multiple=True,
     type=click.Path(path_type=Path),
-    help="Validation inputs: .npz keyed by input name (optional 'labels') or .npy.",
+    help="Validation inputs, in any form --calib takes (with the same --image-* options): a .npz "
+    "keyed by input name (optional 'labels'), a folder of .npy/.npz, ONNX test_data_set folders, a "
+    "folder of images (class sub-folders give labels: sub-folder index in sorted order), or several "
+    "files. Repeatable. Default with --calib: min(64, N/4) calibration samples held out (seeded).",
+)
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="CSV of 'path,label' rows labelling the --samples files (one sample each); paths relative "
+    "to the --samples folder (else to the CSV's folder). Overrides other labels.",
 )
 @click.option(
     "--num-samples",
@@ -372,6 +395,20 @@ class _StageBars:
     help="Fail (exit 3, output not written) if any output's SQNR is below DB.",
 )
 @click.option(
+    "--max-top1-drop",
+    type=float,
+    metavar="POINTS",
+    help="Fail (exit 3, output not written) if FP32 top-1 minus quantized top-1 exceeds POINTS "
+    "(0.01; e.g. 1.0) on any run. Needs labelled samples and a classifier-like output.",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    metavar="FRACTION",
+    help="Fail (exit 3, output not written) if FP32 and quantized top-1 predictions agree on less "
+    "than FRACTION (e.g. 0.98) of the samples on any run. Needs real samples (--samples or --calib).",
+)
+@click.option(
     "--report",
     "report_path",
     type=click.Path(path_type=Path),
@@ -391,6 +428,7 @@ def main(
     input_model: Path,
     output_model: Path,
     report_path: Path | None,
+    labels_path: Path | None,
     as_json: bool,
     verbose: int,
     quiet: bool,
@@ -427,7 +465,8 @@ def main(
             input_model,
             output_model,
             cfg,
-            samples_path=opts["samples"],
+            samples_path=calib_source(opts["samples"]),
+            labels_path=labels_path,
             calib=calib_source(opts["calib"]),
             image_spec=spec,
             progress=bars,

@@ -450,6 +450,12 @@ class ValidateConfig:
     try_cuda: bool = True
     #: Fail (QualityGateError) when any output's SQNR is below this many dB.
     min_sqnr_db: float | None = None
+    #: Fail when FP32 top-1 minus quantized top-1, in points (0.01), exceeds this on any run;
+    #: needs labelled samples and a classifier-like output.
+    max_top1_drop: float | None = None
+    #: Fail when the top-1 agreement of FP32 and quantized predictions on any classifier-like
+    #: output is below this fraction on any run; needs real (not random) samples.
+    min_agreement: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -460,6 +466,17 @@ class ValidateConfig:
         object.__setattr__(self, "dims", dict(self.dims))
         if self.min_sqnr_db is not None and not math.isfinite(self.min_sqnr_db):
             raise ConfigError(f"min_sqnr_db must be a finite number, got {self.min_sqnr_db!r}")
+        drop = self.max_top1_drop
+        if drop is not None and not (math.isfinite(drop) and 0 <= drop <= 100):
+            raise ConfigError(f"max_top1_drop (--max-top1-drop) must be 0..100 points, got {drop!r}")
+        agree = self.min_agreement
+        if agree is not None and not (math.isfinite(agree) and 0 <= agree <= 1):
+            raise ConfigError(f"min_agreement (--min-agreement) must be a fraction 0..1, got {agree!r}")
+        if not self.enabled:
+            gates = ((self.min_sqnr_db, "--min-sqnr"), (drop, "--max-top1-drop"), (agree, "--min-agreement"))
+            for given, flag in gates:
+                if given is not None:
+                    raise ConfigError(f"{flag} needs validation; do not combine it with --no-validate")
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,29 @@ from onnx_mixquant import (
     graph,
     rounding,
     search,
+    sensitivity,
     synthetic,
     validate,
 )
-from onnx_mixquant._assemble import gate_failures, settings_dict, warnings_for, weight_reports
+from onnx_mixquant._assemble import (
+    check_gate_inputs,
+    gate_failures,
+    settings_dict,
+    warnings_for,
+    weight_reports,
+)
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._ortsession import compute_on
 from onnx_mixquant._padfold import fold_pads_into_convs
-from onnx_mixquant.config import BiasCorrection, ImageSpec, QuantConfig, RoundingMethod, Symmetry
+from onnx_mixquant.config import (
+    BiasCorrection,
+    ImageSpec,
+    Objective,
+    QuantConfig,
+    RoundingMethod,
+    SearchRule,
+    Symmetry,
+)
 from onnx_mixquant.errors import ConfigError, MixQuantError, UnsupportedModelError
 from onnx_mixquant.numerics import QParams
 from onnx_mixquant.report import (
@@ -46,7 +61,8 @@ from onnx_mixquant.report import (
 
 __all__ = ["Progress", "quantize", "resolve_config"]
 
-#: Calibration samples reused for validation when no --samples file is given.
+#: The most calibration samples held out for validation when no --samples are given (at most a
+#: quarter of them; none below 4, when the calibration samples themselves are validated on).
 VALIDATION_FROM_CALIB = 64
 
 logger = logging.getLogger(__name__)
@@ -75,7 +91,8 @@ def quantize(
     output_path: str | Path,
     config: QuantConfig | None = None,
     *,
-    samples_path: str | Path | None = None,
+    samples_path: Any = None,
+    labels_path: str | Path | None = None,
     calib: Any = None,
     image_spec: ImageSpec | None = None,
     progress: Progress | None = None,
@@ -86,9 +103,13 @@ def quantize(
         input_path: FP32 ONNX model (external data next to it is read too).
         output_path: where to write; never the input. Written only when every quality gate passes.
         config: all options; defaults when None.
-        samples_path: .npz/.npy inputs (and optional labels) to validate on; else the calibration
-            data when given, else synthetic inputs (:mod:`onnx_mixquant.synthetic`; indicative
-            only, and validation is skipped with a warning when the FP model rejects them).
+        samples_path: inputs (and optional labels) to validate on, anything ``calib`` accepts
+            (see :func:`onnx_mixquant.data.load_samples`); else samples held out of the
+            calibration data when given (:data:`VALIDATION_FROM_CALIB`, which calibration, bias
+            correction and BRECQ then never see), else synthetic inputs
+            (:mod:`onnx_mixquant.synthetic`; indicative only, and validation is skipped with a
+            warning when the FP model rejects them).
+        labels_path: CSV of ``path,label`` rows labelling the files of ``samples_path``.
         calib: calibration data for activation quantization (``config.activations.enabled``): a
             path (folder of .npy/.npz, one .npz, ONNX test_data_set folders, a folder of images),
             a list of paths, an onnxruntime ``CalibrationDataReader`` or an iterable of input dicts.
@@ -117,9 +138,16 @@ def quantize(
                 f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
                 f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
             )
-        calib_data = _open_calibration(read, cfg, calib, image_spec)
-        samples = _samples(read, cfg, samples_path, calib_data, notes) if cfg.validate.enabled else None
-        weights, plan, quantized = _quantize_weights(read, cfg, timings, progress)
+        holdout = VALIDATION_FROM_CALIB if cfg.validate.enabled and samples_path is None else 0
+        calib_data = _open_calibration(read, cfg, calib, image_spec, holdout)
+        samples = (
+            _samples(read, cfg, (samples_path, labels_path, image_spec), calib_data, notes)
+            if cfg.validate.enabled
+            else None
+        )
+        weights, plan, quantized, objective = _quantize_weights(
+            read, cfg, calib_data, timings, progress, notes
+        )
         recon, learned = None, None
         bias_notes = notes if bias_auto else None
         bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, bias_notes)
@@ -179,6 +207,7 @@ def quantize(
             opset_before=exported.opset_before,
             opset_after=exported.opset_after,
             rule=plan.rule.value,
+            objective=objective,
             average_bits=plan.average_bits,
             storage_bits=plan.storage_bits,
             weights=weight_reports(read, weights, quantized, plan, exported),
@@ -186,7 +215,7 @@ def quantize(
             validation=result,
             gate_failures=tuple(failures),
             output_written=not failures,
-            settings=settings_dict(cfg, samples_path),
+            settings=settings_dict(cfg, samples_path, labels_path),
             timings_s=timings,
             warnings=(*warnings_for(read, plan, exported, acts), *notes),
             activations=acts,
@@ -212,9 +241,15 @@ def resolve_config(cfg: QuantConfig, *, has_calib: bool = False) -> QuantConfig:
 
 
 def _quantize_weights(
-    read: graph.ReadModel, cfg: QuantConfig, timings: dict[str, float], progress: Progress | None
-) -> tuple[dict[str, np.ndarray], search.BitPlan, dict[str, rounding.QuantizedWeight]]:
-    """Error table -> bit plan -> nearest rounding, for every weight site."""
+    read: graph.ReadModel,
+    cfg: QuantConfig,
+    calib: data.CalibrationData | None,
+    timings: dict[str, float],
+    progress: Progress | None,
+    notes: list[str],
+) -> tuple[dict[str, np.ndarray], search.BitPlan, dict[str, rounding.QuantizedWeight], str]:
+    """Error table -> [output sensitivity] -> bit plan -> nearest rounding, for every weight site;
+    also returns how the budget objective was obtained (for the report)."""
     values = graph.weight_values(read.model)
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
@@ -226,14 +261,87 @@ def _quantize_weights(
             cfg.search.candidate_bits,
             _stage_progress(progress, "error table"),
         )
+    objective, described = None, "roundoff"
+    if cfg.search.rule is SearchRule.BUDGET and cfg.search.objective is not Objective.ROUNDOFF:
+        with _timed(timings, "sensitivity"):
+            found = _sensitivity(read, cfg, calib, weights, axes, table, progress, notes)
+        if found is not None:
+            objective = found.output_error
+            described = (
+                f"output error ({len(found.probed)} of {len(found.names)} weights probed on "
+                f"{found.samples} samples of {found.source}, {found.seconds:.1f} s)"
+            )
     with _timed(timings, "search"):
         aliases = {s.name: s.consumers for s in read.sites}
-        plan = search.search_bitwidths(table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2)
+        plan = search.search_bitwidths(
+            table, cfg.search, aliases=aliases, use_int2=cfg.export.use_int2, objective=objective
+        )
     with _timed(timings, "rounding"):
         quantized = rounding.round_nearest(
             weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding")
         )
-    return weights, plan, quantized
+    return weights, plan, quantized, described
+
+
+def _sensitivity(
+    read: graph.ReadModel,
+    cfg: QuantConfig,
+    calib: data.CalibrationData | None,
+    weights: Mapping[str, np.ndarray],
+    axes: Mapping[str, int | None],
+    table: search.ErrorTable,
+    progress: Progress | None,
+    notes: list[str],
+) -> sensitivity.Sensitivity | None:
+    """The OUTPUT objective's measurement; None (with a note) where AUTO cannot probe the model."""
+    auto = cfg.search.objective is Objective.AUTO
+    feeds, source, why = _probe_feeds(read, cfg, calib)
+    if feeds is None:
+        if not auto:
+            raise ConfigError(f"--objective output: cannot run the model on any input: {why}")
+        notes.append(f"budget objective: roundoff error (the model could not be probed: {why})")
+        return None
+    try:
+        return sensitivity.measure_sensitivity(
+            read.model,
+            weights,
+            axes,
+            table.normalised(),
+            table.bits,
+            cfg.quantizer,
+            feeds,
+            source,
+            _stage_progress(progress, "sensitivity"),
+        )
+    except UnsupportedModelError as e:
+        if not auto:
+            raise
+        notes.append(f"budget objective: roundoff error (the sensitivity probe failed: {e})")
+        return None
+
+
+def _probe_feeds(
+    read: graph.ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None
+) -> tuple[list[dict[str, np.ndarray]] | None, str, str]:
+    """A few input batches for the sensitivity probe: calibration samples when given, else
+    synthetic inputs (joined into one batch where the batch dim is free); (None, "", why) when
+    the model runs on neither."""
+    want = cfg.search.sensitivity_samples
+    if calib is not None:
+        feeds, seen = [], 0
+        for feed in biascorrect.first_samples(calib.batches(), want):
+            feeds.append(feed)
+            seen += calibrate.batch_samples(feed)
+        return feeds, f"{calib.source} ({seen} samples)", ""
+    found, _, why = synthetic.synthetic_samples(
+        read.path, read.inputs, read.model, cfg.validate.dims, want, cfg.seed
+    )
+    if found is None:
+        return None, "", why or "no inputs"
+    feeds = list(found.feeds)
+    if all(not isinstance(inp.dims[0], int) for inp in read.inputs if inp.dims):
+        feeds = [{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}]
+    return feeds, "synthetic inputs", ""
 
 
 def _reconstruct(
@@ -351,7 +459,7 @@ def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig) -> int:
 
 
 def _open_calibration(
-    read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None
+    read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None, holdout: int = 0
 ) -> data.CalibrationData | None:
     act = cfg.activations
     if calib is None:
@@ -372,6 +480,7 @@ def _open_calibration(
         seed=cfg.seed,
         batch_size=act.batch_size,
         image_spec=image_spec,
+        holdout=holdout,
     )
 
 
@@ -441,16 +550,41 @@ def _compute_readers(model: Any, aplan: activations.ActivationPlan) -> tuple[str
 def _samples(
     read: graph.ReadModel,
     cfg: QuantConfig,
-    samples_path: str | Path | None,
+    given: tuple[Any, str | Path | None, ImageSpec | None],
     calib: data.CalibrationData | None,
     notes: list[str],
 ) -> validate.Samples | None:
-    """Validation inputs: the samples file, else calibration data, else synthetic inputs (None,
-    with a note, when the FP model runs on none)."""
-    if samples_path is not None:
-        return data.load_samples(samples_path, read.inputs)
-    if calib is not None:
-        return calib.as_samples(limit=VALIDATION_FROM_CALIB)
+    """Validation inputs: ``given`` (samples, labels CSV, image preprocessing), else the samples
+    held out of the calibration data (the calibration samples themselves, labelled so, when too
+    few to hold any out), else synthetic inputs (None, with a note, when the FP model runs on none).
+
+    Raises:
+        ConfigError: labels without samples, or a top-1 gate these samples cannot evaluate.
+    """
+    source, labels, image_spec = given
+    if labels is not None and source is None:
+        raise ConfigError("--labels labels the files of --samples; give --samples too")
+    found: validate.Samples | None
+    if source is not None:
+        found = data.load_samples(source, read.inputs, image_spec=image_spec, labels=labels)
+    elif calib is not None:
+        found = calib.held_out()
+        if found is None:
+            every = calib.as_samples(limit=VALIDATION_FROM_CALIB)
+            found = replace(every, source=f"calibration data (not held out): {every.source}")
+            notes.append(
+                f"validation on the calibration samples ({calib.num_samples}: too few to hold out "
+                "a quarter): not an independent check"
+            )
+    else:
+        check_gate_inputs(None, cfg)
+        return _synthetic(read, cfg, notes)
+    check_gate_inputs(found, cfg)
+    return found
+
+
+def _synthetic(read: graph.ReadModel, cfg: QuantConfig, notes: list[str]) -> validate.Samples | None:
+    """Random validation inputs (None, with a note, when the FP model runs on none)."""
     found, plan, why = synthetic.synthetic_samples(
         read.path, read.inputs, read.model, cfg.validate.dims, cfg.validate.num_samples, cfg.seed
     )

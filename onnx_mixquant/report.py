@@ -129,6 +129,8 @@ class Report:
     activations: ActivationReport | None = None
     reconstruction: ReconReport | None = None
     bias_correction: BiasReport | None = None
+    #: What the budget rule minimised: "roundoff", or the output error and how it was measured.
+    objective: str = "roundoff"
 
 
 def _clean(x: Any) -> Any:
@@ -189,6 +191,8 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
         f" weights; {sum(w.bits is None for w in report.weights)} kept float,"
         f" {len(report.skipped)} other tensors left alone",
     ]
+    if report.rule == "budget":
+        lines.append(f"objective: {report.objective}")
     hist: dict[str, int] = {}
     for w in report.weights:
         key = "float" if w.bits is None else f"{w.bits}b"

@@ -174,6 +174,7 @@ def search_bitwidths(
     *,
     aliases: Mapping[str, tuple[str, ...]] | None = None,
     use_int2: bool = False,
+    objective: np.ndarray | None = None,
 ) -> BitPlan:
     """Choose a width for every weight in ``table`` by ``cfg.rule``.
 
@@ -182,6 +183,8 @@ def search_bitwidths(
         cfg: rule, its parameters and overrides.
         aliases: extra names an override may match per weight (its consumer nodes' names).
         use_int2: whether 2-bit weights are stored as INT2 (prices the byte budget).
+        objective: what the budget rule minimises per weight and width, shaped like
+            ``table.mse`` (e.g. measured output errors); None: the normalised roundoff error.
 
     Raises:
         ConfigError: an override matches nothing, or the budget cannot be met.
@@ -195,7 +198,10 @@ def search_bitwidths(
         why = f"QEM rule (qem={cfg.qem:g}, reference={cfg.qem_reference.value})"
     else:
         free = np.array([n not in fixed for n in table.names], dtype=bool)
-        chosen = _budget_rule(table, cfg, fixed, free, use_int2)
+        err = table.normalised() if objective is None else np.asarray(objective, dtype=np.float64)
+        if err.shape != table.mse.shape or not np.all(np.isfinite(err)):
+            raise ValueError(f"objective must be finite and shaped {table.mse.shape}, got {err.shape}")
+        chosen = _budget_rule(table, cfg, fixed, free, use_int2, err)
         why = "budget rule"
     bits: dict[str, int | None] = {}
     for n in table.names:
@@ -239,14 +245,14 @@ def _budget_rule(
     fixed: Mapping[str, int | None],
     free: np.ndarray,
     use_int2: bool,
+    err: np.ndarray,
 ) -> dict[str, int]:
-    """Minimise the summed normalised error of the free weights under the budget."""
+    """Minimise the summed objective ``err`` (n, k) of the free weights under the budget."""
     by_bytes = cfg.target_bytes is not None
     unit = np.array(
         [container_bits(b, use_int2) / 8 if by_bytes else b for b in table.bits], dtype=np.float64
     )
     cost = table.sizes[:, None].astype(np.float64) * unit[None, :]  # (n, k)
-    err = table.normalised()
     fixed_cost = 0.0
     quant_params = 0
     for i, name in enumerate(table.names):

@@ -23,6 +23,7 @@ EXPECTED = {
     "ExportConfig",
     "ExportError",
     "Granularity",
+    "Objective",
     "MixQuantError",
     "ModelLoadError",
     "QemReference",

@@ -18,6 +18,8 @@ method              search configuration (asymmetric per-channel min-max, neares
 fp32                the unquantized model (always evaluated: it is the reference of the drop)
 uniform-w8/w4/w3    every weight at 8 / 4 / 3 bits
 mixquant-w4/w3      budget rule at 4.0 / 3.0 parameter-weighted average bits
+mixquant-out-w4/w3  the same, minimising the measured output error (Objective.OUTPUT) on synthetic
+                    inputs (no data: what the plain command can do)
 mixquant-size-w4    budget rule at the bytes uniform W4 weights take (sum of ceil(params / 2))
 qem-layer           MixQuant paper rule, QEM 300, each layer's own smallest error as reference
 qem-model           paper rule with the model-wide smallest error as reference, one row per --qem
@@ -41,6 +43,7 @@ from typing import Any
 import _bench_data as bd
 
 from onnx_mixquant import (
+    Objective,
     QemReference,
     QuantConfig,
     QuantizerConfig,
@@ -60,6 +63,8 @@ METHODS: tuple[str, ...] = (
     "uniform-w3",
     "mixquant-w4",
     "mixquant-w3",
+    "mixquant-out-w4",
+    "mixquant-out-w3",
     "mixquant-size-w4",
     "qem-layer",
     "qem-model",
@@ -191,6 +196,8 @@ def build_config(job: Job, w4_bytes: int | None) -> QuantConfig:
         search = SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=int(m[-1]), target_bits=None)
     elif m in ("mixquant-w4", "mixquant-w3"):
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=float(m[-1]))
+    elif m in ("mixquant-out-w4", "mixquant-out-w3"):
+        search = SearchConfig(rule=SearchRule.BUDGET, target_bits=float(m[-1]), objective=Objective.OUTPUT)
     elif m == "mixquant-size-w4":
         assert w4_bytes is not None
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=None, target_bytes=w4_bytes)
