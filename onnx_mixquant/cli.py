@@ -128,9 +128,10 @@ class _StageBars:
     type=click.Choice([o.value for o in Objective]),
     default=SearchConfig().objective.value,
     show_default=True,
-    help="What the budget rule minimises: each weight's roundoff error (data-free), or the model's "
+    help="What the budget rule minimises: each weight's roundoff error (roundoff); the model's "
     "output error with that weight quantized, measured on calibration samples or synthetic inputs "
-    "(output); auto: output where the model can be run, else roundoff.",
+    "(output); or the roundoff error with the weights the probe finds far more sensitive than the "
+    "rest (a classifier or LM head) weighted up (guarded; roundoff where the model cannot be run).",
 )
 @click.option(
     "--candidate-bits",

@@ -163,16 +163,18 @@ class QuantizerConfig:
 class Objective(enum.Enum):
     """What the budget rule minimises, per weight and candidate width.
 
-    ``ROUNDOFF``: the weight's normalised roundoff error ``e_b / mean(W^2)`` (data-free, the
-    MixQuant table alone). ``OUTPUT``: the measured relative error of the model's outputs with only
-    that weight quantized at that width, on calibration samples when given, else on synthetic
-    inputs (:mod:`onnx_mixquant.sensitivity`). ``AUTO``: ``OUTPUT`` where the model can be
-    probed, else ``ROUNDOFF``.
+    ``ROUNDOFF``: the weight's normalised roundoff error ``e_b / mean(W^2)`` (the MixQuant table
+    alone). ``OUTPUT``: the measured relative error of the model's outputs with only that weight
+    quantized at that width, on calibration samples when given, else on synthetic inputs
+    (:mod:`onnx_mixquant.sensitivity`). ``GUARDED``: the roundoff error, multiplied for each weight
+    whose measured output error per unit of roundoff error exceeds ``guard_ratio`` times the
+    model's median by how far it exceeds it (an outlier guard: a classifier or LM head that the
+    roundoff rule would crush); the roundoff error alone where the model cannot be probed.
     """
 
     ROUNDOFF = "roundoff"
     OUTPUT = "output"
-    AUTO = "auto"
+    GUARDED = "guarded"
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,10 @@ class SearchConfig:
     first_last_8bit: bool = False
     #: The budget rule's objective (see Objective).
     objective: Objective = Objective.ROUNDOFF
-    #: Samples the OUTPUT objective runs the model on per probe.
+    #: Samples the OUTPUT / GUARDED objectives run the model on per probe.
     sensitivity_samples: int = 8
+    #: GUARDED: a weight is an outlier when its sensitivity ratio exceeds this x the median.
+    guard_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.candidate_bits:

@@ -266,11 +266,7 @@ def _quantize_weights(
         with _timed(timings, "sensitivity"):
             found = _sensitivity(read, cfg, calib, weights, axes, table, progress, notes)
         if found is not None:
-            objective = found.output_error
-            described = (
-                f"output error ({len(found.probed)} of {len(found.names)} weights probed on "
-                f"{found.samples} samples of {found.source}, {found.seconds:.1f} s)"
-            )
+            objective, described = _objective(cfg, table, found)
     with _timed(timings, "search"):
         aliases = {s.name: s.consumers for s in read.sites}
         plan = search.search_bitwidths(
@@ -283,6 +279,26 @@ def _quantize_weights(
     return weights, plan, quantized, described
 
 
+def _objective(
+    cfg: QuantConfig, table: search.ErrorTable, found: sensitivity.Sensitivity
+) -> tuple[np.ndarray, str]:
+    """The budget rule's objective from the probe, and its description for the report."""
+    how = (
+        f"{len(found.probed)} of {len(found.names)} weights probed at {'/'.join(map(str, found.run_bits))} "
+        f"bits on {found.samples} samples of {found.source}, {found.seconds:.1f} s"
+    )
+    if cfg.search.objective is Objective.OUTPUT:
+        return found.output_error, f"output error ({how})"
+    objective, boosted = sensitivity.guarded_objective(table.normalised(), found, cfg.search.guard_ratio)
+    top = sorted(boosted.items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{n} x{f:.3g}" for n, f in top[:5]) + (
+        f" and {len(top) - 5} more" if len(top) > 5 else ""
+    )
+    return objective, (
+        f"roundoff error, guarded ({how}): " + (f"outliers weighted up: {listed}" if top else "no outlier")
+    )
+
+
 def _sensitivity(
     read: graph.ReadModel,
     cfg: QuantConfig,
@@ -293,9 +309,9 @@ def _sensitivity(
     progress: Progress | None,
     notes: list[str],
 ) -> sensitivity.Sensitivity | None:
-    """The OUTPUT objective's measurement; None (with a note) where AUTO cannot probe the model."""
-    auto = cfg.search.objective is Objective.AUTO
-    feeds, source, why = _probe_feeds(read, cfg, calib)
+    """The probe's measurement; None (with a note) where GUARDED cannot probe the model."""
+    auto = cfg.search.objective is Objective.GUARDED
+    feeds, source, why = _probe_feeds(read, cfg, calib, table)
     if feeds is None:
         if not auto:
             raise ConfigError(f"--objective output: cannot run the model on any input: {why}")
@@ -312,6 +328,7 @@ def _sensitivity(
             feeds,
             source,
             _stage_progress(progress, "sensitivity"),
+            probe_bits=_guard_bits(table.bits) if auto else None,
         )
     except UnsupportedModelError as e:
         if not auto:
@@ -320,26 +337,41 @@ def _sensitivity(
         return None
 
 
+#: Above this many weight parameters the probe runs on 2 samples instead of sensitivity_samples.
+PROBE_LARGE_PARAMS = 30_000_000
+
+
+def _guard_bits(bits: tuple[int, ...]) -> tuple[int, ...]:
+    """Widths the GUARDED probe runs: 3 and 4 where they are candidates, else the two lowest."""
+    return tuple(b for b in bits if b in (3, 4)) or bits[:2]
+
+
 def _probe_feeds(
-    read: graph.ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None
+    read: graph.ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None, table: search.ErrorTable
 ) -> tuple[list[dict[str, np.ndarray]] | None, str, str]:
     """A few input batches for the sensitivity probe: calibration samples when given, else
     synthetic inputs (joined into one batch where the batch dim is free); (None, "", why) when
-    the model runs on neither."""
+    the model runs on neither. Models over PROBE_LARGE_PARAMS weight parameters get 2 samples."""
     want = cfg.search.sensitivity_samples
+    if int(table.sizes.sum()) > PROBE_LARGE_PARAMS:
+        want = min(want, 2)
+    free_batch = all(not isinstance(inp.dims[0], int) for inp in read.inputs if inp.dims)
     if calib is not None:
         feeds, seen = [], 0
         for feed in biascorrect.first_samples(calib.batches(), want):
+            rows = calibrate.batch_samples(feed)
+            if free_batch and seen + rows > want:
+                feed, rows = {k: v[: want - seen] for k, v in feed.items()}, want - seen
             feeds.append(feed)
-            seen += calibrate.batch_samples(feed)
-        return feeds, f"{calib.source} ({seen} samples)", ""
+            seen += rows
+        return feeds, f"{calib.source}", ""
     found, _, why = synthetic.synthetic_samples(
         read.path, read.inputs, read.model, cfg.validate.dims, want, cfg.seed
     )
     if found is None:
         return None, "", why or "no inputs"
     feeds = list(found.feeds)
-    if all(not isinstance(inp.dims[0], int) for inp in read.inputs if inp.dims):
+    if free_batch:
         feeds = [{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}]
     return feeds, "synthetic inputs", ""
 

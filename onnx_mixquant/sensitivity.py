@@ -43,7 +43,7 @@ from onnx_mixquant.config import Granularity, QuantizerConfig
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.numerics import choose_qparams, fake_quantize
 
-__all__ = ["PROBED_MAX_BITS", "Sensitivity", "measure_sensitivity", "output_kinds"]
+__all__ = ["PROBED_MAX_BITS", "Sensitivity", "guarded_objective", "measure_sensitivity", "output_kinds"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class Sensitivity:
     samples: int
     source: str
     seconds: float
+    #: The widths that were run (the other columns are extrapolated).
+    run_bits: tuple[int, ...] = ()
 
 
 def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, list[str]]:
@@ -182,6 +184,7 @@ def measure_sensitivity(
     feeds: Sequence[Feed],
     source: str,
     progress: Callable[[int, int], None] | None = None,
+    probe_bits: Sequence[int] | None = None,
 ) -> Sensitivity:
     """Measure D[i, b] for every weight in ``weights`` (error-table order) and width in ``bits``.
 
@@ -195,6 +198,8 @@ def measure_sensitivity(
         feeds: input batches to run (a few samples).
         source: where the feeds came from, for the report.
         progress: progress(done, total) per probed weight.
+        probe_bits: the widths to run (the others follow the roundoff error's ratio to the
+            nearest run width); None: every width up to :data:`PROBED_MAX_BITS`.
 
     Raises:
         UnsupportedModelError: onnxruntime cannot open or run the probe model.
@@ -203,7 +208,8 @@ def measure_sensitivity(
     names = tuple(weights)
     probe, exposed = _expose(model, names)
     out = np.full((len(names), len(bits)), np.nan)
-    run_cols = [j for j, b in enumerate(bits) if b <= PROBED_MAX_BITS] or [0]
+    wanted = set(probe_bits) if probe_bits is not None else {b for b in bits if b <= PROBED_MAX_BITS}
+    run_cols = [j for j, b in enumerate(bits) if b in wanted] or [0]
     with probe_session(probe) as sess:
         kinds = output_kinds(model)
         out_names = [o.name for o in sess.get_outputs()]
@@ -247,17 +253,41 @@ def measure_sensitivity(
         seconds,
     )
     probed = tuple(n for n in names if n in exposed)
-    return Sensitivity(names, tuple(bits), out, probed, samples, source, seconds)
+    run_bits = tuple(bits[j] for j in run_cols)
+    return Sensitivity(names, tuple(bits), out, probed, samples, source, seconds, run_bits)
 
 
 def _extrapolate(out: np.ndarray, normalised: np.ndarray, run_cols: Sequence[int]) -> None:
-    """Columns above the last probed width: D scales like the roundoff error (in place)."""
-    last = run_cols[-1]
-    ratio = np.where(
-        normalised[:, last] > 0, out[:, last] / np.where(normalised[:, last] > 0, normalised[:, last], 1), 0.0
-    )
-    for j in range(last + 1, out.shape[1]):
-        out[:, j] = ratio * normalised[:, j]
+    """Columns not run: D scales like the roundoff error from the nearest run width (in place)."""
+    cols = np.asarray(run_cols)
+    for j in range(out.shape[1]):
+        if j in run_cols:
+            continue
+        k = int(cols[np.argmin(np.abs(cols - j))])
+        safe = np.where(normalised[:, k] > 0, normalised[:, k], 1.0)
+        out[:, j] = np.where(normalised[:, k] > 0, out[:, k] / safe, 0.0) * normalised[:, j]
+
+
+def guarded_objective(
+    normalised: np.ndarray, sens: Sensitivity, ratio: float
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The GUARDED objective: ``normalised`` with each outlier row multiplied by its excess.
+
+    A weight's sensitivity ratio is the mean over the run widths of ``D / normalised``; a probed
+    weight whose ratio exceeds ``ratio`` x the median of the probed weights gets its row
+    multiplied by ``its ratio / (ratio x median)``. Returns the objective and the factors by name.
+    """
+    probed = np.array([n in set(sens.probed) for n in sens.names], dtype=bool)
+    cols = [j for j, b in enumerate(sens.bits) if b in sens.run_bits]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per = np.where(normalised[:, cols] > 0, sens.output_error[:, cols] / normalised[:, cols], 0.0)
+    score = np.where(probed, np.nanmean(per, axis=1), 0.0)
+    median = float(np.median(score[probed])) if probed.any() else 0.0
+    factor = np.ones(len(sens.names))
+    if median > 0:
+        factor = np.maximum(1.0, score / (ratio * median))
+    boosted = {n: float(f) for n, f in zip(sens.names, factor, strict=True) if f > 1.0}
+    return normalised * factor[:, None], boosted
 
 
 def _fill_unprobed(out: np.ndarray, normalised: np.ndarray, probed: Sequence[bool]) -> None:

@@ -126,3 +126,57 @@ def test_search_minimises_the_given_objective() -> None:
     assert plain.bits["small"] < 8 and steered.bits == {"big": 2, "small": 8}
     with pytest.raises(ValueError, match="shaped"):
         search_bitwidths(table, cfg, objective=objective[:1])
+
+
+def test_guarded_objective_weights_up_outliers_only() -> None:
+    normalised = np.array([[0.1, 0.02], [0.2, 0.04], [0.1, 0.03], [0.4, 0.1], [0.5, 0.1]])
+    ratios = np.array([1.0, 2.0, 1.5, 300.0, 1.0])  # D / normalised per weight
+    sens = S.Sensitivity(
+        names=("a", "b", "c", "head", "sub"),
+        bits=(3, 4),
+        output_error=normalised * ratios[:, None],
+        probed=("a", "b", "c", "head"),  # "sub" (inside an If body) was not probed
+        samples=4,
+        source="test",
+        seconds=0.0,
+        run_bits=(3, 4),
+    )
+    objective, boosted = S.guarded_objective(normalised, sens, ratio=10.0)
+    # median ratio of the probed rows is 1.75: only "head" (300 > 17.5) is weighted, by 300 / 17.5
+    assert boosted == {"head": pytest.approx(300.0 / 17.5)}
+    np.testing.assert_allclose(objective[3], normalised[3] * 300.0 / 17.5)
+    np.testing.assert_array_equal(np.delete(objective, 3, axis=0), np.delete(normalised, 3, axis=0))
+
+
+def test_guarded_pipeline_moves_a_flagged_head_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline probes the model and hands the guarded objective to the search: a head the
+    probe flags gets more bits than the roundoff rule gives it (the probe's numbers are forced)."""
+    from onnx_mixquant import QuantConfig, ValidateConfig, quantize
+    from onnx_mixquant.config import Objective
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "m.onnx"
+    ir.save(_mlp(rng), src)
+    real = S.measure_sensitivity
+    seen: dict[str, object] = {}
+
+    def flag_w2(*args: object, **kwargs: object) -> S.Sensitivity:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        seen["run_bits"] = found.run_bits
+        err = np.array(found.output_error)
+        err[found.names.index("w2")] *= 1e4
+        return S.Sensitivity(
+            found.names, found.bits, err, found.probed, found.samples, found.source, 0.0, found.run_bits
+        )
+
+    plans = {}
+    for objective in (Objective.ROUNDOFF, Objective.GUARDED):
+        cfg = QuantConfig(
+            search=SearchConfig(target_bits=3.0, objective=objective), validate=ValidateConfig(enabled=False)
+        )
+        monkeypatch.setattr(S, "measure_sensitivity", flag_w2)
+        report = quantize(src, tmp_path / f"{objective.value}.onnx", cfg)
+        plans[objective] = {w.name: w.bits for w in report.weights}
+    assert seen["run_bits"] == (3, 4)  # the guard runs two widths only
+    assert "outliers weighted up: w2" in report.objective and "synthetic inputs" in report.objective
+    assert plans[Objective.GUARDED]["w2"] > plans[Objective.ROUNDOFF]["w2"]

@@ -20,6 +20,7 @@ uniform-w8/w4/w3    every weight at 8 / 4 / 3 bits
 mixquant-w4/w3      budget rule at 4.0 / 3.0 parameter-weighted average bits
 mixquant-out-w4/w3  the same, minimising the measured output error (Objective.OUTPUT) on synthetic
                     inputs (no data: what the plain command can do)
+mixquant-grd-w4/w3  the same with Objective.GUARDED (roundoff error, probe outliers weighted up)
 mixquant-size-w4    budget rule at the bytes uniform W4 weights take (sum of ceil(params / 2))
 qem-layer           MixQuant paper rule, QEM 300, each layer's own smallest error as reference
 qem-model           paper rule with the model-wide smallest error as reference, one row per --qem
@@ -65,6 +66,8 @@ METHODS: tuple[str, ...] = (
     "mixquant-w3",
     "mixquant-out-w4",
     "mixquant-out-w3",
+    "mixquant-grd-w4",
+    "mixquant-grd-w3",
     "mixquant-size-w4",
     "qem-layer",
     "qem-model",
@@ -198,6 +201,8 @@ def build_config(job: Job, w4_bytes: int | None) -> QuantConfig:
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=float(m[-1]))
     elif m in ("mixquant-out-w4", "mixquant-out-w3"):
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=float(m[-1]), objective=Objective.OUTPUT)
+    elif m in ("mixquant-grd-w4", "mixquant-grd-w3"):
+        search = SearchConfig(rule=SearchRule.BUDGET, target_bits=float(m[-1]), objective=Objective.GUARDED)
     elif m == "mixquant-size-w4":
         assert w4_bytes is not None
         search = SearchConfig(rule=SearchRule.BUDGET, target_bits=None, target_bytes=w4_bytes)
