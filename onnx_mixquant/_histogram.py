@@ -1,14 +1,25 @@
 """Streaming fixed-size histogram and the activation-range kernels of calibrate.py (NumPy only).
 
-The histogram keeps ``n`` bins of width ``w`` on a grid anchored at 0: bin ``i`` covers
-``[(lo + i) w, (lo + i + 1) w)``, so ``n w`` spans about ``[min, max]`` of everything seen. When a
-batch falls outside the window, ``w`` doubles until ``[min, max]`` fits (a power-of-two multiple of
-the first batch's width) and each old bin is merged into the wider bin that contains it -- exact,
-because the grid of width ``2^k w`` is a coarsening of the grid of width ``w``. No sample is kept.
+The histogram keeps ``n`` bins of width ``w = 2^e`` on a grid anchored at 0: bin ``i`` covers
+``[(lo + i) w, (lo + i + 1) w)``, where ``e`` is the smallest exponent (at least ``-126``) for
+which ``[min, max]`` of everything seen fits ``n`` bins, and ``lo = floor(min / w)``. A value's
+bin is ``floor(x 2^-e) - lo``: a power-of-two scaling, exact in floating point, so the bin of a
+value does not depend on what came before it. When a batch widens ``[min, max]``, ``e`` grows by
+``k`` and old bin ``a`` merges into ``floor(a / 2^k)`` -- the bin the value would have had, since
+``floor(floor(x / w) / 2^k) = floor(x / (2^k w))``. The final histogram (counts, ``e``, ``lo``) is
+therefore a function of the multiset of values alone: the same however the values are split into
+batches or ordered, which calibrate.py relies on to give byte-identical ranges whatever batch
+size the memory budget allows. No sample is kept; the chosen width is within a factor two of
+``(max - min) / (n - 2)``.
 
-Worked example (n = 4): after a batch in [0, 4) the bins are [0,1) [1,2) [2,3) [3,4) with counts
-(1, 2, 3, 4), w = 1, lo = 0. A batch reaching 7.5 needs span 8 > 4 w, so w becomes 2 and the
-counts become (1+2, 3+4, 0, 0) over [0,2) [2,4) [4,6) [6,8) before the new batch is added.
+Worked example (n = 4): a batch in [0, 3.5] needs ``floor(3.5 / w) <= 3``: w = 1 (e = 0), bins
+[0,1) [1,2) [2,3) [3,4), counts (1, 2, 3, 4). A batch reaching 7.5 needs w = 2 (k = 1): old bins
+0..3 merge into 0, 0, 1, 1, giving (1+2, 3+4, 0, 0) over [0,2) [2,4) [4,6) [6,8), then the new
+batch is added -- the counts a single batch of all the values gives.
+
+The range kernels divide the counts by their greatest common divisor first, so a tensor that
+does not depend on the batch (seen once per run, and the number of runs follows the batch size)
+gets the same range however often it was seen.
 """
 
 from __future__ import annotations
@@ -17,37 +28,67 @@ import math
 
 import numpy as np
 
-__all__ = ["StreamingHistogram", "fake_quant_scores", "mse_range"]
+__all__ = ["StreamingHistogram", "fake_quant_scores", "grid_exponent", "mse_range"]
 
-#: Absolute bin indices stay below this, so that index arithmetic in float64 is exact.
-_MAX_INDEX = 2.0**50
-#: Smallest bin width (keeps 1 / w finite in float32).
-_MIN_WIDTH = 1e-30
+#: Absolute bin indices stay below this, so that index arithmetic in int64 / float64 is exact.
+_MAX_INDEX = 2**50
+#: Smallest bin width exponent (2^-126: float32's smallest normal number).
+_MIN_EXP = -126
+#: Values binned at once (bounds the temporaries of add: 4 + 8 bytes per value).
+_SLICE = 1 << 22
 #: Candidate count x nonzero bins scored at once by the MSE search (bounds its temporary memory).
 _CHUNK = 1 << 20
 #: Shrink factors of the MSE search: 1.00, 0.99, ..., 0.01 (BRECQ's 1% steps, extended).
 _SHRINK = 1.0 - np.arange(100) / 100.0
 
 
-def _fits(vmin: float, vmax: float, width: float, n: int) -> bool:
-    i0, i1 = math.floor(vmin / width), math.floor(vmax / width)
+def _fits(vmin: float, vmax: float, exp: int, n: int) -> bool:
+    i0, i1 = math.floor(math.ldexp(vmin, -exp)), math.floor(math.ldexp(vmax, -exp))
     return i1 - i0 <= n - 1 and max(abs(i0), abs(i1)) < _MAX_INDEX
 
 
-def _initial_width(vmin: float, vmax: float, n: int) -> float:
-    """(max - min) / (n - 2) guarantees ``floor(max/w) - floor(min/w) <= n - 1``; a constant
-    batch starts narrow (grown by doubling later)."""
-    span = vmax - vmin
-    width = span / (n - 2) if span > 0 else max(abs(vmin), abs(vmax)) * 2.0**-20
-    return max(width, _MIN_WIDTH)
+def grid_exponent(vmin: float, vmax: float, n: int) -> int:
+    """Smallest ``e >= -126`` for which ``[vmin, vmax]`` fits ``n`` bins of width ``2^e`` with
+    bin indices below 2^50 in magnitude (fitting is monotone in ``e``: a coarser grid spans fewer
+    bins). E.g. ``grid_exponent(-1.0, 1.0, 16) == -2``: indices -4..4 at w = 0.25; at w = 0.125,
+    -8..8 is 17 bins."""
+    exp = _MIN_EXP
+    span, big = vmax - vmin, max(abs(vmin), abs(vmax))
+    if span > 0:  # below log2(span / n) the span alone needs more than n bins
+        exp = max(exp, math.floor(math.log2(span / n)) - 1)
+    if big > 0:
+        exp = max(exp, math.frexp(big)[1] - 52)
+    while not _fits(vmin, vmax, exp, n):
+        exp += 1
+    return exp
+
+
+def _bin_counts(x: np.ndarray, exp: int, lo: int, n: int) -> np.ndarray:
+    """int64 ``(n,)`` counts of ``floor(x 2^-exp) - lo`` for a finite 1-D float ``x`` inside the
+    window (one slice of at most _SLICE values)."""
+    t = x * x.dtype.type(2.0**-exp)  # exact: a power of two, |t| < 2^50 (no overflow)
+    np.floor(t, out=t)
+    if exp > 0:  # a negative value can underflow to -0.0, whose floor is 0 instead of -1
+        t[(t == 0) & (x < 0)] = -1
+    idx = t.astype(np.int64)
+    idx -= lo
+    return np.bincount(idx, minlength=n)
+
+
+def _reduced(counts: np.ndarray) -> np.ndarray:
+    """``counts`` divided by their greatest common divisor (unchanged when all are 0)."""
+    g = int(np.gcd.reduce(counts))
+    return counts // g if g > 1 else counts
 
 
 class StreamingHistogram:
-    """Histogram of a stream of finite values in ``num_bins`` bins, built in one pass.
+    """Histogram of a stream of finite values in ``num_bins`` bins, built in one pass; the result
+    depends only on the multiset of values added (see the module docstring).
 
     Attributes:
         counts: int64 ``(n,)`` counts of bin ``i`` = ``[(lo + i) w, (lo + i + 1) w)``.
-        width: bin width ``w`` (0.0 while empty).
+        width: bin width ``w = 2^exp`` (0.0 while empty).
+        exp: the width's exponent.
         lo: absolute index of the first bin.
         vmin, vmax: exact min and max of every value added.
     """
@@ -56,6 +97,7 @@ class StreamingHistogram:
         assert num_bins >= 4, num_bins
         self.counts = np.zeros(num_bins, dtype=np.int64)
         self.width = 0.0
+        self.exp = _MIN_EXP
         self.lo = 0
         self.vmin = math.inf
         self.vmax = -math.inf
@@ -66,50 +108,43 @@ class StreamingHistogram:
         return (self.lo + np.arange(self.counts.size) + 0.5) * self.width
 
     def add(self, x: np.ndarray, xmin: float, xmax: float) -> None:
-        """Add the finite 1-D array ``x`` whose min and max are ``xmin`` and ``xmax``.
-
-        Index of a value: ``clip(floor((x - lo w) / w), 0, n - 1)`` (computed in ``x``'s dtype; the
-        clip only absorbs rounding at the window's edges).
-        """
+        """Add the finite 1-D float32 / float64 array ``x`` whose min and max are ``xmin`` and
+        ``xmax``: bin ``floor(x 2^-e) - lo``, in slices of at most 4 M values."""
         if x.size == 0:
             return
         self._fit(min(self.vmin, xmin), max(self.vmax, xmax))
         n = self.counts.size
-        dtype = x.dtype.type
-        t = (x - dtype(self.lo * self.width)) * dtype(1.0 / self.width)
-        np.clip(t, 0, n - 1, out=t)
-        self.counts += np.bincount(t.astype(np.intp), minlength=n)
+        for i in range(0, x.size, _SLICE):
+            self.counts += _bin_counts(x[i : i + _SLICE], self.exp, self.lo, n)
 
     def _fit(self, vmin: float, vmax: float) -> None:
-        """Grow (double ``w`` k times) and shift the window so that ``[vmin, vmax]`` fits."""
+        """Grow ``e`` by ``k`` and shift the window so that ``[vmin, vmax]`` fits, merging bins."""
         n = self.counts.size
+        exp = grid_exponent(vmin, vmax, n)
+        lo = math.floor(math.ldexp(vmin, -exp))
         if self.width == 0.0:
-            self.width = _initial_width(vmin, vmax, n)
-        width = self.width
-        while not _fits(vmin, vmax, width, n):
-            width *= 2.0
-        lo = math.floor(vmin / width)
-        if width == self.width and self.lo <= lo and math.floor(vmax / width) <= self.lo + n - 1:
-            self.vmin, self.vmax = vmin, vmax
-            return
-        k = round(math.log2(width / self.width))
-        # Old bin a lies inside new bin floor((a + 1/2) / 2^k): exact in float64 (|a| < 2^50).
-        new_index = np.floor((self.lo + np.arange(n) + 0.5) / 2.0**k).astype(np.int64) - lo
-        inside = (new_index >= 0) & (new_index < n)
-        assert not self.counts[~inside].any(), "occupied bins fall outside the new window"
-        counts = np.zeros(n, dtype=np.int64)
-        np.add.at(counts, new_index[inside], self.counts[inside])
-        self.counts, self.width, self.lo = counts, width, lo
+            self.exp, self.width, self.lo = exp, 2.0**exp, lo
+        elif (exp, lo) != (self.exp, self.lo):
+            k = exp - self.exp
+            assert k >= 0, (exp, self.exp)
+            # Old bin a lies inside new bin floor(a / 2^k); |a| < 2^50, so k > 62 acts as k = 62.
+            new_index = (self.lo + np.arange(n, dtype=np.int64)) // (2 ** min(k, 62)) - lo
+            inside = (new_index >= 0) & (new_index < n)
+            assert not self.counts[~inside].any(), "occupied bins fall outside the new window"
+            counts = np.zeros(n, dtype=np.int64)
+            np.add.at(counts, new_index[inside], self.counts[inside])
+            self.counts, self.exp, self.width, self.lo = counts, exp, 2.0**exp, lo
         self.vmin, self.vmax = vmin, vmax
 
     def quantile(self, q: float) -> float:
         """Value below which a share ``q`` in [0, 1] of the counts lies, linear within a bin,
         clipped to ``[vmin, vmax]``; exact to within one bin width."""
-        cdf = np.cumsum(self.counts)
+        counts = _reduced(self.counts)
+        cdf = np.cumsum(counts)
         target = q * float(cdf[-1])
-        i = min(int(np.searchsorted(cdf, target, side="left")), self.counts.size - 1)
+        i = min(int(np.searchsorted(cdf, target, side="left")), counts.size - 1)
         before = float(cdf[i - 1]) if i > 0 else 0.0
-        frac = (target - before) / float(self.counts[i]) if self.counts[i] > 0 else 0.0
+        frac = (target - before) / float(counts[i]) if counts[i] > 0 else 0.0
         value = (self.lo + i + frac) * self.width
         return min(max(value, self.vmin), self.vmax)
 
@@ -180,7 +215,7 @@ def mse_range(hist: StreamingHistogram, p: float, symmetric: bool) -> tuple[floa
     exceeds the min/max range's (f = 1). Ties keep the widest range.
     """
     nz = hist.counts > 0
-    centres, counts = hist.centres[nz], hist.counts[nz]
+    centres, counts = hist.centres[nz], _reduced(hist.counts[nz])
     vmin, vmax = hist.vmin, hist.vmax
 
     def best(rmin: np.ndarray, rmax: np.ndarray) -> int:

@@ -405,7 +405,7 @@ def _reconstruct(
         """Plan and calibrate the activations of the weight-quantized model (BRECQ's second stage)."""
         aplan = activations.plan_activations(model, act)
         ranges = calibrate.collect_ranges(
-            model, aplan.calibrated(), calib.batches(), act, None, calib.num_batches
+            model, aplan.calibrated(), calib.batches, act, None, calib.num_batches
         ).ranges
         return aplan, {
             n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in ranges.items()
@@ -533,7 +533,7 @@ def _quantize_activations(
         result = calibrate.collect_ranges(
             model,
             aplan.calibrated(),
-            calib.batches(),
+            calib.batches,
             act,
             _stage_progress(progress, "calibrate"),
             calib.num_batches,

@@ -1,4 +1,6 @@
-"""calibrate.collect_ranges: ranges vs NumPy references, batch-split independence, bounded memory."""
+"""calibrate.collect_ranges: ranges vs NumPy references, batch-split independence, bounded memory.
+
+Also covers _calibplan.py (sizes, groups, runs) and _histogram.py."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mixquant import _histogram, calibrate
-from onnx_mixquant._histogram import StreamingHistogram, fake_quant_scores
+from onnx_mixquant import _calibplan, _histogram, calibrate
+from onnx_mixquant._histogram import StreamingHistogram, fake_quant_scores, grid_exponent, mse_range
 from onnx_mixquant.calibrate import CalibrationResult, TensorRange, collect_ranges
 from onnx_mixquant.config import ActivationConfig, CalibMethod
 from onnx_mixquant.errors import CalibrationError
@@ -191,21 +193,10 @@ def test_mse_symmetric_range(proto: onnx.ModelProto) -> None:
 @pytest.mark.parametrize("method", list(CalibMethod))
 def test_independent_of_batch_split(proto: onnx.ModelProto, method: CalibMethod) -> None:
     feeds = random_feeds(16, 4, grow=True)
-    ref = reference_values(proto, feeds)
     one = run(proto, split(feeds, 64), method=method)
     many = run(proto, split(feeds, 2), method=method)
     assert one.num_samples == many.num_samples == 64
-    for name, values in ref.items():
-        a, b = one.ranges[name], many.ranges[name]
-        assert (a.observed_min, a.observed_max) == (b.observed_min, b.observed_max), name
-        if method is CalibMethod.MSE:
-            # The MSE objective is flat near its minimum: histograms of different bin widths may
-            # pick neighbouring grid points (1% steps); both ranges score alike on the raw values.
-            tol = 0.03 * (a.observed_max - a.observed_min)
-            assert score(values, a.rmin, a.rmax) == pytest.approx(score(values, b.rmin, b.rmax), rel=0.01)
-        else:
-            tol = 0.0 if method is CalibMethod.MINMAX else bin_width_bound(values, 2048)
-        assert abs(a.rmin - b.rmin) <= tol and abs(a.rmax - b.rmax) <= tol, (name, a, b)
+    assert one.ranges == many.ranges  # exact: the histogram depends only on the values
 
 
 def test_model_is_not_modified(proto: onnx.ModelProto) -> None:
@@ -322,3 +313,192 @@ def test_fake_quant_scores_worked_example() -> None:
     sym = fake_quant_scores(centres, counts, np.array([-3.0]), np.array([3.0]), 2.0, True)
     np.testing.assert_allclose(sym, [0.1**2])
     assert _histogram.mse_range.__doc__
+
+
+# -- memory budget: groups of tensors, runs of samples; ranges independent of both ------------
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,8,8,5] y)
+  <float[4,3,3,3] W = {WV}, float[4,5] M = {MV}, float[1] k = {0.5}> {
+    c = Conv<pads=[1,1,1,1]>(x, W)
+    r = Relu(c)
+    t = Transpose<perm=[0,2,3,1]>(r)
+    p = Mul(M, k)
+    y = MatMul(t, p)
+}
+"""
+#: x, the Conv / Relu / Transpose / MatMul outputs (bytes per sample 768, 1024, 1024, 1024, 1280)
+#: and p, which does not depend on the batch (80 bytes per run).
+TEXT_NAMES = ["x", "c", "r", "t", "p", "y"]
+PER_SAMPLE = 1024 * 3 + 1280
+WORK = 2 * 1280  # twice the largest node output
+
+
+def text_model(batch: int | str = "N") -> ir.Model:
+    rng = np.random.default_rng(7)
+    text = TEXT.replace("WV", ", ".join(f"{v:.3f}" for v in rng.normal(size=108)))
+    text = text.replace("MV", ", ".join(f"{v:.3f}" for v in rng.normal(size=20)))
+    return ir.from_onnx_text(text.replace("[N,", f"[{batch},"))
+
+
+def text_samples(n: int = 48) -> np.ndarray:
+    """Samples whose range grows with their index (the first batch's range depends on its size)."""
+    x = np.random.default_rng(8).normal(size=(n, 3, 8, 8)).astype(np.float32)
+    return x * (1.0 + np.arange(n, dtype=np.float32)[:, None, None, None])
+
+
+def batched(x: np.ndarray, size: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": x[i : i + size]} for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("method", list(CalibMethod))
+def test_ranges_identical_whatever_the_batch_size_and_budget(method: CalibMethod) -> None:
+    model, x, cfg = text_model(), text_samples(), ActivationConfig(method=method)
+
+    def calibrate_(size: int, budget: int | None = None, one_shot: bool = False) -> CalibrationResult:
+        feeds = batched(x, size)
+        source: Any = iter(feeds) if one_shot else (lambda: iter(feeds))
+        return collect_ranges(model, TEXT_NAMES, source, cfg, memory_budget=budget)
+
+    ref = calibrate_(16)
+    assert (ref.groups, ref.run_samples, ref.num_samples) == (1, 16, 48)
+    for size in (1, 3):
+        assert calibrate_(size).ranges == ref.ranges, size
+    tiny = calibrate_(16, budget=1)  # one tensor per group (x is read from the feeds), 1 sample per run
+    assert (tiny.groups, tiny.run_samples, tiny.num_samples) == (5, 1, 48)
+    assert tiny.ranges == ref.ranges
+    assert calibrate_(3, budget=1, one_shot=True).ranges == ref.ranges
+    two = calibrate_(16, budget=2 * (PER_SAMPLE + 80 + WORK))
+    assert (two.groups, two.run_samples) == (1, 2) and two.ranges == ref.ranges
+    half_m = np.asarray(model.graph.initializers["M"].const_value) * np.float32(0.5)
+    assert ref.ranges["p"].observed_max == float(half_m.max())
+
+
+class RunSpy:
+    """Records the bytes of the outputs of every InferenceSession.run (and the samples fed)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bytes: list[int] = []
+        self.samples: list[int] = []
+        real = ort.InferenceSession.run
+
+        def spy(sess: Any, names: Any, feed: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> Any:
+            outs = real(sess, names, feed, *args, **kwargs)
+            self.bytes.append(sum(np.asarray(o).nbytes for o in outs))
+            self.samples.append(len(feed["x"]))
+            return outs
+
+        monkeypatch.setattr(ort.InferenceSession, "run", spy)
+
+
+def test_each_run_returns_at_most_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, cfg = text_model(), text_samples(32), ActivationConfig(method=CalibMethod.PERCENTILE)
+    spy = RunSpy(monkeypatch)
+    collect_ranges(model, TEXT_NAMES, batched(x, 16), cfg)  # default budget: whole batches
+    assert spy.samples == [16, 16] and max(spy.bytes) == 16 * PER_SAMPLE + 80
+    for budget, per_run in ((PER_SAMPLE + 80 + WORK, 1), (3 * (PER_SAMPLE + 80 + WORK), 3)):
+        spy.bytes.clear()
+        spy.samples.clear()
+        res = collect_ranges(model, TEXT_NAMES, batched(x, 16), cfg, memory_budget=budget)
+        assert res.run_samples == per_run and max(spy.samples) == per_run
+        assert sum(spy.samples) == 32 and max(spy.bytes) + WORK <= budget
+    spy.bytes.clear()
+    res = collect_ranges(model, TEXT_NAMES, batched(x, 16), cfg, memory_budget=1500 + WORK)
+    assert res.groups == 4 and max(spy.bytes) <= 1500  # c | r | t p | y: ~1 KiB each
+    assert len(spy.bytes) == 4 * 32
+
+
+def test_sizes_measured_when_shapes_are_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, cfg = text_model(), text_samples(8), ActivationConfig()
+    ref = collect_ranges(model, TEXT_NAMES, batched(x, 4), cfg, memory_budget=1500 + WORK)
+    monkeypatch.setattr(_calibplan, "_reinfer", lambda model, one: {})
+    spy = RunSpy(monkeypatch)
+    got = collect_ranges(model, TEXT_NAMES, batched(x, 4), cfg, memory_budget=1500 + WORK)
+    assert got.ranges == ref.ranges and got.groups == ref.groups
+    measured = len(spy.samples) - 4 * 8  # runs before calibration: one sample each
+    assert measured >= 1 and spy.samples[:measured] == [1] * measured
+
+
+def test_fixed_batch_is_the_smallest_run(caplog: pytest.LogCaptureFixture) -> None:
+    model, x, cfg = text_model(2), text_samples(8), ActivationConfig(method=CalibMethod.MSE)
+    ref = collect_ranges(text_model(), TEXT_NAMES, batched(x, 8), cfg)
+    with caplog.at_level(logging.WARNING, logger="onnx_mixquant._calibplan"):
+        got = collect_ranges(model, TEXT_NAMES, batched(x, 2), cfg, memory_budget=1)
+    assert got.run_samples == 2 and got.ranges == ref.ranges
+    assert "above the calibration memory budget" in caplog.text
+
+
+def test_passes_must_see_the_same_data() -> None:
+    model, x, cfg = text_model(), text_samples(8), ActivationConfig()
+    calls: list[int] = []
+
+    def shrinking() -> Iterator[dict[str, np.ndarray]]:
+        calls.append(1)
+        return iter(batched(x[: 8 - len(calls)], 4))
+
+    with pytest.raises(CalibrationError, match="changed between passes"):
+        collect_ranges(model, TEXT_NAMES, shrinking, cfg, memory_budget=1)
+    steps: list[tuple[int, int]] = []
+    res = collect_ranges(
+        model,
+        ["c", "y"],
+        lambda: iter(batched(x, 4)),
+        cfg,
+        lambda d, t: steps.append((d, t)),
+        2,
+        memory_budget=1,
+    )
+    assert res.groups == 2 and steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_group_probe_is_pruned_and_taps_requested_tensors() -> None:
+    probe = calibrate._probe_model(text_model(), ["r"], taps=["c", "r", "y"])
+    assert [n.op_type for n in probe.graph] == ["Conv", "ReduceSum", "Relu"]  # tap right after c
+    tap = list(probe.graph)[1]
+    assert tap.inputs[0] is not None and tap.inputs[0].name == "c"  # no Conv+Relu fusion across c
+    assert [v.name for v in probe.graph.outputs] == ["r", tap.outputs[0].name]
+    assert [v.name for v in probe.graph.inputs] == ["x"] and "M" not in probe.graph.initializers
+
+
+def histogram_state(chunks: list[np.ndarray], num_bins: int = 64) -> tuple:
+    hist = StreamingHistogram(num_bins)
+    for c in chunks:
+        if c.size:
+            hist.add(c, float(c.min()), float(c.max()))
+    return hist.counts.tolist(), hist.exp, hist.lo, hist.vmin, hist.vmax
+
+
+def test_histogram_depends_only_on_the_values() -> None:
+    rng = np.random.default_rng(6)
+    parts = [np.zeros(50)] + [rng.normal(size=2000) * s + o for s, o in ((1, 0), (1e-3, 3), (40, -20))]
+    # 5000 makes the width 2^7: a negative float32 subnormal times 2^-7 rounds to -0.0.
+    parts.append(np.array([5000.0, -1e-45, -1e-40, 1e-45, -0.0]))
+    values = np.concatenate(parts).astype(np.float32)
+    whole = histogram_state([values])
+    assert whole[1] == 7 and sum(whole[0]) == values.size
+    for seed in range(4):
+        r = np.random.default_rng(seed)
+        v = values if seed == 0 else r.permutation(values)
+        cuts = np.sort(r.choice(np.arange(1, v.size), size=[3, 30, 300, 1000][seed], replace=False))
+        assert histogram_state(np.split(v, cuts)) == whole, seed
+    edges = (whole[2] + np.arange(65)) * 2.0 ** whole[1]
+    assert edges[0] <= values.min() and values.max() < edges[-1]
+
+
+def test_histogram_ranges_ignore_repetition() -> None:
+    """A tensor that does not depend on the batch is seen once per run: same range however often."""
+    v = np.random.default_rng(9).normal(size=1000).astype(np.float32)
+    once, thrice = StreamingHistogram(128), StreamingHistogram(128)
+    once.add(v, float(v.min()), float(v.max()))
+    for _ in range(3):
+        thrice.add(v, float(v.min()), float(v.max()))
+    assert once.quantile(0.99) == thrice.quantile(0.99)
+    assert mse_range(once, 2.4, False) == mse_range(thrice, 2.4, False)
+
+
+def test_grid_exponent_is_the_smallest_that_fits() -> None:
+    assert grid_exponent(-1.0, 1.0, 16) == -2  # -4..4 at 0.25; -8..8 (17 bins) at 0.125
+    assert grid_exponent(0.0, 0.0, 16) == -126 and grid_exponent(0.0, 3.5, 4) == 0
+    assert grid_exponent(1000.0, 1000.001, 2048) == -20  # 1049 bins at 2^-20, 2098 at 2^-21
+    assert grid_exponent(1e6, 1e6, 16) == -30  # bin indices stay below 2^50: 1e6 * 2^30 < 2^50

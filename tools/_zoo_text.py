@@ -81,7 +81,7 @@ FP32_EMB_FILE = "fp32_embeddings.npy"
 TOKENS_FILE = "tokens.npy"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "build.json"
-RECIPE = 1  # bump when a builder's output changes, so that stale caches are rejected
+RECIPE = 1  # bump when a builder's output changes: a model folder of another recipe is rebuilt
 
 # --------------------------------------------------------------------------------------------------
 # Data and evaluation constants.
@@ -220,8 +220,8 @@ def _check_manifest(folder: Path) -> dict[str, Any] | None:
         return None
     data: dict[str, Any] = json.loads(path.read_text())
     if data.get("recipe") != RECIPE:
-        _log(f"{folder.name}: cache from recipe {data.get('recipe')}, rebuilding")
-        _remove(path)
+        _log(f"{folder}: built by recipe {data.get('recipe')}, not {RECIPE}: removing it to rebuild")
+        _remove(folder)
         return None
     for rel, size in data["files"].items():
         p = folder / rel
@@ -266,7 +266,7 @@ def _read_docs(path: Path, expected: int) -> list[str]:
     with errors replaced (U+FFFD, which the BERT normalizer then drops), as the SOURCES.md figures were
     measured; reading that byte as Latin-1 instead moves minilm_l6's Spearman from 50.85 to 50.83.
     """
-    docs = [line.strip() for line in path.read_bytes().decode("utf-8", errors="replace").splitlines()]
+    docs = [line.strip() for line in path.read_bytes().decode("utf-8", errors="replace").split("\n")]
     docs = [d for d in docs if d]
     if len(docs) != expected:
         raise ZooBuildError(f"{path} has {len(docs)} documents, expected {expected}")
@@ -278,7 +278,9 @@ def _lee_human_scores(lee: Path) -> np.ndarray:
     sims = np.loadtxt(lee / "similarities0-1.txt", dtype=np.float64)
     if sims.shape != (LEE_DOCS, LEE_DOCS):
         raise ZooBuildError(f"similarities0-1.txt has shape {sims.shape}")
-    return sims[np.triu_indices(LEE_DOCS, k=1)]
+    human = sims[np.triu_indices(LEE_DOCS, k=1)]
+    assert human.size == LEE_PAIRS
+    return human
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +471,11 @@ def _check_minilm_l3_pooling(model: Path) -> None:
 
 
 def _build_encoder(spec: _EncoderSpec, cache: Path) -> ZooModel:
-    """Shared builder of the three encoders; the per-model source step is chosen by ``spec.name``."""
+    """Builder of the three encoders: fetch or export the model, then eval ids, calib, FP32 embeddings.
+
+    Idempotent: each step skips an output that exists (outputs are moved into place only when
+    complete), and a folder with a manifest of this recipe is only checked (file sizes).
+    """
     folder = cache / spec.name
     model = folder / MODEL_FILE
     tokenizer = folder / TOKENIZER_FILE
@@ -513,9 +519,8 @@ def _build_encoder(spec: _EncoderSpec, cache: Path) -> ZooModel:
         if not emb_path.is_file():
             with _atomic_path(emb_path) as tmp, tmp.open("wb") as f:
                 np.save(f, _encoder_embeddings(spec, folder, model))
-        fp32 = _score_encoder(spec, folder, model)
         outputs = [model, tokenizer, folder / EVAL_IDS_FILE, folder / CALIB_DIR, emb_path]
-        _write_manifest(folder, outputs, {"fp32": fp32, "build_s": round(time.perf_counter() - start, 1)})
+        _write_manifest(folder, outputs, {"build_s": round(time.perf_counter() - start, 1)})
     return ZooModel(
         name=spec.name,
         kind="encoder",
@@ -557,31 +562,36 @@ def _smollm2_tokens(gguf: Path, lee: Path, dest: Path, tokenizer_out: Path) -> n
     return ids
 
 
-def _fold_constant_transposes(proto: Any) -> int:
-    """Replace each ``Transpose`` of an initializer by a transposed initializer of the same output name.
+def _fold_constant_transposes(proto: Any) -> list[str]:
+    """Replace each ``Transpose`` of an initializer by a transposed initializer ``<name>_transposed``.
 
     The dynamo exporter writes the tied LM head as ``MatMul(x, Transpose(embedding))``; after this the
     head is a MatMul with its own constant ``[hidden, vocab]`` weight, as in the official export.
-    Returns the number of folded nodes.
+    Returns the names of the new initializers.
     """
     from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
+    graph_outputs = {o.name for o in proto.graph.output}
+    renamed: dict[str, str] = {}
     keep, folded = [], []
     for node in proto.graph.node:
         if node.op_type == "Transpose" and node.input[0] in inits:
             arr = numpy_helper.to_array(inits[node.input[0]])
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            folded.append(
-                numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), node.output[0])
-            )
+            name = node.output[0] if node.output[0] in graph_outputs else f"{node.input[0]}_transposed"
+            renamed[node.output[0]] = name
+            folded.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), name))
         else:
             keep.append(node)
-    if folded:
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-        proto.graph.initializer.extend(folded)
-    return len(folded)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    proto.graph.initializer.extend(folded)
+    return [t.name for t in folded]
 
 
 def _export_smollm2(gguf: Path, dest: Path) -> None:
@@ -626,8 +636,11 @@ def _export_smollm2(gguf: Path, dest: Path) -> None:
     if program is None:
         raise ZooBuildError("torch.onnx.export returned no program")
     proto = program.model_proto
-    if _fold_constant_transposes(proto) != 1:
-        raise ZooBuildError("smollm2: expected exactly one Transpose of an initializer (the tied LM head)")
+    folded = _fold_constant_transposes(proto)
+    if len(folded) != 1:
+        raise ZooBuildError(
+            f"smollm2: expected one Transpose of an initializer (the tied LM head), got {folded}"
+        )
     producers = {o: n for n in proto.graph.node for o in n.output}
     head = producers.get("logits")
     consts = {t.name for t in proto.graph.initializer}
@@ -652,16 +665,19 @@ def _score_smollm2(folder: Path, model: Path) -> dict[str, float]:
     for w in range(SMOLLM2_EVAL_WINDOWS):
         window = tokens[w * SMOLLM2_WINDOW : (w + 1) * SMOLLM2_WINDOW]
         (logits,) = sess.run(["logits"], {"input_ids": window[None, :]})
-        pred = logits[0, :-1].astype(np.float64)
+        pred = logits[0, :-1]  # position t predicts token t + 1
         top = pred.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(pred - top).sum(axis=1)) + top[:, 0]
-        nll += float(np.sum(lse - pred[np.arange(pred.shape[0]), window[1:]]))
+        lse = np.log(np.exp(pred - top).sum(axis=1, dtype=np.float64)) + top[:, 0]
+        nll += float(np.sum(lse - pred[np.arange(pred.shape[0]), window[1:]].astype(np.float64)))
         count += pred.shape[0]
     return {"perplexity": float(np.exp(nll / count)), "nll": nll / count}
 
 
 def _build_smollm2(cache: Path) -> ZooModel:
-    """Builder of ``smollm2``: GGUF -> FP32 ONNX, token file, calib (64) and calib16 folders."""
+    """Builder of ``smollm2``: GGUF -> FP32 ONNX, token file, calib (64) and calib16 folders.
+
+    Idempotent in the same way as the encoders' builder.
+    """
     folder = cache / "smollm2"
     model = folder / MODEL_FILE
     manifest = _check_manifest(folder)
@@ -681,7 +697,6 @@ def _build_smollm2(cache: Path) -> ZooModel:
         _npz_folder(folder / CALIB_DIR, windows)
         _npz_folder(folder / CALIB16_DIR, windows[::SMOLLM2_CALIB16_STRIDE])
         _export_smollm2(gguf, model)
-        fp32 = _score_smollm2(folder, model)
         outputs = [
             model,
             folder / TOKENS_FILE,
@@ -689,7 +704,7 @@ def _build_smollm2(cache: Path) -> ZooModel:
             folder / CALIB_DIR,
             folder / CALIB16_DIR,
         ]
-        _write_manifest(folder, outputs, {"fp32": fp32, "build_s": round(time.perf_counter() - start, 1)})
+        _write_manifest(folder, outputs, {"build_s": round(time.perf_counter() - start, 1)})
     return ZooModel(
         name="smollm2",
         kind="lm",
