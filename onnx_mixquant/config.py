@@ -191,9 +191,9 @@ class SearchConfig:
     overrides: tuple[WeightOverride, ...] = ()
     first_last_8bit: bool = False
     #: The budget rule's objective (see Objective).
-    objective: Objective = Objective.ROUNDOFF
+    objective: Objective = Objective.GUARDED
     #: Samples the OUTPUT / GUARDED objectives run the model on per probe.
-    sensitivity_samples: int = 8
+    sensitivity_samples: int = 4
     #: GUARDED: a weight is an outlier when its sensitivity ratio exceeds this x the median.
     guard_ratio: float = 10.0
 

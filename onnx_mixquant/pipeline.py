@@ -339,6 +339,9 @@ def _sensitivity(
 
 #: Above this many weight parameters the probe runs on 2 samples instead of sensitivity_samples.
 PROBE_LARGE_PARAMS = 30_000_000
+#: Sequence-like dims of the probe's synthetic inputs (validation uses synthetic.DEFAULT_SEQUENCE):
+#: each probe runs the model once per weight and width, and an LM's logits grow with it.
+PROBE_SEQUENCE = 32
 
 
 def _guard_bits(bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -355,7 +358,9 @@ def _probe_feeds(
     want = cfg.search.sensitivity_samples
     if int(table.sizes.sum()) > PROBE_LARGE_PARAMS:
         want = min(want, 2)
-    free_batch = all(not isinstance(inp.dims[0], int) for inp in read.inputs if inp.dims)
+    free_batch = bool(read.inputs) and all(
+        inp.dims and not isinstance(inp.dims[0], int) for inp in read.inputs
+    )
     if calib is not None:
         feeds, seen = [], 0
         for feed in biascorrect.first_samples(calib.batches(), want):
@@ -366,7 +371,7 @@ def _probe_feeds(
             seen += rows
         return feeds, f"{calib.source}", ""
     found, _, why = synthetic.synthetic_samples(
-        read.path, read.inputs, read.model, cfg.validate.dims, want, cfg.seed
+        read.path, read.inputs, read.model, cfg.validate.dims, want, cfg.seed, PROBE_SEQUENCE
     )
     if found is None:
         return None, "", why or "no inputs"

@@ -271,11 +271,12 @@ def _extrapolate(out: np.ndarray, normalised: np.ndarray, run_cols: Sequence[int
 def guarded_objective(
     normalised: np.ndarray, sens: Sensitivity, ratio: float
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """The GUARDED objective: ``normalised`` with each outlier row multiplied by its excess.
+    """The GUARDED objective: ``normalised`` with each outlier row weighted by its sensitivity.
 
     A weight's sensitivity ratio is the mean over the run widths of ``D / normalised``; a probed
-    weight whose ratio exceeds ``ratio`` x the median of the probed weights gets its row
-    multiplied by ``its ratio / (ratio x median)``. Returns the objective and the factors by name.
+    weight whose ratio exceeds ``ratio`` x the median of the probed weights is an outlier, and its
+    row is multiplied by ``its ratio / median``: where the probe and the roundoff estimate
+    disagree that much, the measurement wins. Returns the objective and the factors by name.
     """
     probed = np.array([n in set(sens.probed) for n in sens.names], dtype=bool)
     cols = [j for j, b in enumerate(sens.bits) if b in sens.run_bits]
@@ -285,7 +286,7 @@ def guarded_objective(
     median = float(np.median(score[probed])) if probed.any() else 0.0
     factor = np.ones(len(sens.names))
     if median > 0:
-        factor = np.maximum(1.0, score / (ratio * median))
+        factor = np.where(score > ratio * median, score / median, 1.0)
     boosted = {n: float(f) for n, f in zip(sens.names, factor, strict=True) if f > 1.0}
     return normalised * factor[:, None], boosted
 

@@ -112,7 +112,7 @@ def _np_dtype(inp: ModelInput) -> np.dtype:
     return dtype
 
 
-def _role(inp: ModelInput, pos: int, dim: int | str, kind: str) -> tuple[int, str]:
+def _role(inp: ModelInput, pos: int, dim: int | str, kind: str, sequence: int) -> tuple[int, str]:
     """Default value of one free dim, and its role."""
     name = "" if _is_unnamed(dim) else str(dim)
     rank = len(inp.dims)
@@ -121,7 +121,7 @@ def _role(inp: ModelInput, pos: int, dim: int | str, kind: str) -> tuple[int, st
     if _SPATIAL_NAMES.match(name) or (kind == "f" and rank == 4 and _spatial_axis(inp, pos)):
         return DEFAULT_IMAGE, "image"
     if _SEQ_NAMES.search(name) or (kind in "iu" and pos == rank - 1):
-        return DEFAULT_SEQUENCE, "sequence"
+        return sequence, "sequence"
     return DEFAULT_OTHER, "other"
 
 
@@ -184,7 +184,10 @@ def _rule(inp: ModelInput, dtype: np.dtype, value: ir.Value | None) -> InputRule
 
 
 def plan_inputs(
-    inputs: Sequence[ModelInput], model: ir.Model | None, dims: Mapping[str, int] | None = None
+    inputs: Sequence[ModelInput],
+    model: ir.Model | None,
+    dims: Mapping[str, int] | None = None,
+    sequence: int = DEFAULT_SEQUENCE,
 ) -> SyntheticInputs:
     """Shapes (user values, else defaults by role) and value rules for every input.
 
@@ -209,7 +212,7 @@ def plan_inputs(
             if given is None and not _is_unnamed(d) and str(d) in named:
                 given = named[str(d)]
             if given is None:
-                given, role = _role(inp, pos, d, dtype.kind)
+                given, role = _role(inp, pos, d, dtype.kind, sequence)
                 label = "unnamed" if _is_unnamed(d) else repr(d)
                 chosen.append(f"input {inp.name!r} dim {pos} ({label}): {given} ({role} default)")
             if not _is_unnamed(d):
@@ -276,16 +279,18 @@ def synthetic_samples(
     dims: Mapping[str, int] | None,
     num: int,
     seed: int,
+    sequence: int = DEFAULT_SEQUENCE,
 ) -> tuple[Samples | None, SyntheticInputs, str | None]:
     """``num`` synthetic feeds the FP model accepts, the plan they follow, and (when no plan
     runs) why validation on synthetic inputs is impossible: ``(None, plan, reason)``.
+    ``sequence``: the default of sequence-like dims (the sensitivity probe uses a shorter one).
 
     Raises:
         ConfigError: ``num`` below 1, or an input whose element type cannot be drawn.
     """
     if num < 1:
         raise ConfigError(f"number of random samples must be >= 1, got {num!r}")
-    plan = plan_inputs(inputs, model, dims)
+    plan = plan_inputs(inputs, model, dims, sequence)
     candidates = [plan]
     if any("(batch default)" not in c for c in plan.chosen):
         candidates += [_with_size(plan, inputs, s) for s in FALLBACK_SIZES]

@@ -142,9 +142,9 @@ def test_guarded_objective_weights_up_outliers_only() -> None:
         run_bits=(3, 4),
     )
     objective, boosted = S.guarded_objective(normalised, sens, ratio=10.0)
-    # median ratio of the probed rows is 1.75: only "head" (300 > 17.5) is weighted, by 300 / 17.5
-    assert boosted == {"head": pytest.approx(300.0 / 17.5)}
-    np.testing.assert_allclose(objective[3], normalised[3] * 300.0 / 17.5)
+    # median ratio of the probed rows is 1.75: only "head" (300 > 17.5) is weighted, by 300 / 1.75
+    assert boosted == {"head": pytest.approx(300.0 / 1.75)}
+    np.testing.assert_allclose(objective[3], normalised[3] * 300.0 / 1.75)
     np.testing.assert_array_equal(np.delete(objective, 3, axis=0), np.delete(normalised, 3, axis=0))
 
 
