@@ -8,6 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from onnx_mixquant._runtime import MISSING_ONNXRUNTIME, onnxruntime_missing
+
+if onnxruntime_missing():
+    raise ImportError(MISSING_ONNXRUNTIME)
+
 from onnx_mixquant.config import (
     ActivationConfig,
     BiasConfig,
