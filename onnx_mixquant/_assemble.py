@@ -22,6 +22,8 @@ from onnx_mixquant.report import ActivationReport, WeightReport
 
 __all__ = ["check_gate_inputs", "gate_failures", "settings_dict", "warnings_for", "weight_reports"]
 
+#: Storage types onnxruntime never fuses into integer kernels (bit-packed widths unpack to 8 bits).
+_SUB_BYTE_TYPES = ("INT4", "UINT4", "INT2", "UINT2")
 #: Slack on the top-1 drop in points: accuracies are k/n, and their difference x 100 rounds.
 _POINTS_TOLERANCE = 1e-9
 
@@ -175,10 +177,10 @@ def warnings_for(
             "weight-only QDQ: onnxruntime runs quantized Convs as DequantizeLinear + float Conv "
             "(the file shrinks; inference is not faster)"
         )
-    narrow = [s for s in convs if (bits[s.name] or 9) <= 4]
+    narrow = [s for s in convs if exported.storage.get(s.name) in _SUB_BYTE_TYPES]
     if acts is not None and narrow:
         out.append(
-            f"{len(narrow)} Conv weights have 4 bits or fewer: onnxruntime does not fuse them "
+            f"{len(narrow)} Conv weights are stored as INT4/INT2: onnxruntime does not fuse them "
             f"into QLinearConv (they run as DequantizeLinear + float Conv, slower than 8-bit)"
         )
     if acts is not None and acts.fusion is not None and acts.fusion.unfused:
@@ -201,8 +203,14 @@ def warnings_for(
             "at ORT_ENABLE_ALL onnxruntime may rewrite DequantizeLinear + MatMul to MatMulNBits, "
             "whose outputs differ slightly (compare the two validation rows)"
         )
-    if {b for b in bits.values() if b is not None} & {3, 5, 6, 7}:
-        out.append("widths 3, 5, 6 and 7 are stored in the next wider ONNX type (INT4/INT8)")
+    wider = sorted(
+        {b for n, b in bits.items() if b in (3, 5, 6, 7) and "packed" not in (exported.storage.get(n) or "")}
+    )
+    if wider:
+        out.append(
+            f"width{'s' if len(wider) > 1 else ''} {', '.join(map(str, wider))} "
+            "stored in the next wider ONNX type (INT4/INT8) because bit-packing is off (--no-pack)"
+        )
     return tuple(out)
 
 

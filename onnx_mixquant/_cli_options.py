@@ -146,7 +146,9 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             scale_method=ScaleMethod(opts["scale_method"]),
         ),
         search=_search_config(opts),
-        export=ExportConfig(use_int2=opts["int2"], allow_opset_upgrade=opts["opset_upgrade"]),
+        export=ExportConfig(
+            use_int2=opts["int2"], allow_opset_upgrade=opts["opset_upgrade"], pack_widths=opts["pack"]
+        ),
         validate=ValidateConfig(
             enabled=opts["validate"],
             num_samples=opts["num_samples"],
@@ -184,7 +186,7 @@ def _recon_config(opts: dict[str, Any]) -> ReconConfig:
 def _activation_config(opts: dict[str, Any]) -> ActivationConfig:
     return ActivationConfig(
         enabled=False if opts["weight_only"] else None,
-        method=CalibMethod(opts["calib_method"]),
+        method=CalibMethod(opts["calib_method"]) if opts["calib_method"] else None,
         percentile=opts["percentile"],
         symmetric=opts["act_type"] == "int8",
         keep_outputs_float=not opts["quantize_outputs"],

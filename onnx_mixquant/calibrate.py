@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +329,8 @@ def collect_ranges(
             budget below 1 (bugs).
     """
     start = time.perf_counter()
+    method = cfg.method_for(attention=False)  # callers resolve it per graph (method_for)
+    cfg = replace(cfg, method=method)
     names = list(dict.fromkeys(tensors))
     _check_names(model, names)
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
@@ -362,7 +364,7 @@ def collect_ranges(
         "sample(s), budget %.0f MiB",
         len(names),
         runs.samples,
-        cfg.method.value,
+        method.value,
         provider,
         OPTIMIZATION,
         seconds,
@@ -371,5 +373,5 @@ def collect_ranges(
         budget / 2**20,
     )
     return CalibrationResult(
-        ranges, runs.samples, cfg.method.value, provider, seconds, len(plan.groups), runs.run_samples, budget
+        ranges, runs.samples, method.value, provider, seconds, len(plan.groups), runs.run_samples, budget
     )

@@ -177,6 +177,13 @@ class _StageBars:
 )
 @click.option("--int2", is_flag=True, help="Store 2-bit weights as INT2/UINT2 (opset 25) instead of INT4.")
 @click.option(
+    "--pack/--no-pack",
+    default=True,
+    show_default=True,
+    help="Store widths 2, 3, 5, 6 and 7 bit-packed at their own width (unpacked by ops onnxruntime "
+    "folds at load); --no-pack stores them in INT4/INT8.",
+)
+@click.option(
     "--opset-upgrade/--no-opset-upgrade",
     default=True,
     show_default=True,
@@ -260,9 +267,8 @@ class _StageBars:
 @click.option(
     "--calib-method",
     type=click.Choice([m.value for m in CalibMethod]),
-    default=ActivationConfig().method.value,
-    show_default=True,
-    help="Activation range: min/max, percentile of the histogram, or the p-norm (MSE) search.",
+    help="Activation range: min/max, percentile of the histogram, or the p-norm (MSE) search. "
+    "Default: percentile; minmax in attention graphs (transformers), whose outliers carry information.",
 )
 @click.option(
     "--percentile",

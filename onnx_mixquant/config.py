@@ -168,8 +168,9 @@ class Objective(enum.Enum):
     quantized at that width, on calibration samples when given, else on synthetic inputs
     (:mod:`onnx_mixquant.sensitivity`). ``GUARDED``: the roundoff error, multiplied for each weight
     whose measured output error per unit of roundoff error exceeds ``guard_ratio`` times the
-    model's median by how far it exceeds it (an outlier guard: a classifier or LM head that the
-    roundoff rule would crush); the roundoff error alone where the model cannot be probed.
+    model's median by its measured ratio (an outlier guard: a classifier or LM head that the
+    roundoff rule would crush); the roundoff error alone where the model cannot be probed or has
+    no logits / probability output.
     """
 
     ROUNDOFF = "roundoff"
@@ -274,8 +275,10 @@ class ActivationConfig:
     #: None: on when calibration data are given (the CLI's ``--calib`` and ``quantize(calib=...)``
     #: alike; ``pipeline.resolve_config`` settles it), False: weight-only (``--weight-only``).
     enabled: bool | None = None
-    #: Percentile was the best of the three on two of the three bench models (BENCHMARKS.md).
-    method: CalibMethod = CalibMethod.PERCENTILE
+    #: None: PERCENTILE, the best of the three on two of the three bench models (BENCHMARKS.md),
+    #: except in attention graphs (activations.py), where MINMAX is (MiniLM-L6 W8A8: cosine to the
+    #: FP32 embeddings 0.995 against 0.953 with PERCENTILE and 0.994 with MSE); see method_for().
+    method: CalibMethod | None = None
     #: PERCENTILE keeps this share (in %) of the values inside the range.
     percentile: float = 99.999
     #: Histogram bins for PERCENTILE and MSE.
@@ -292,6 +295,12 @@ class ActivationConfig:
     #: Calibration samples used at most (seeded sample when the source has more).
     calib_size: int | None = None
     batch_size: int = 16
+
+    def method_for(self, attention: bool) -> CalibMethod:
+        """The range method: the one set, else MINMAX in attention graphs and PERCENTILE elsewhere."""
+        if self.method is not None:
+            return self.method
+        return CalibMethod.MINMAX if attention else CalibMethod.PERCENTILE
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -431,6 +440,9 @@ class ExportConfig:
 
     #: Store 2-bit weights as INT2/UINT2 (opset 25) instead of INT4/UINT4 (opset 21).
     use_int2: bool = False
+    #: Store widths 2 (without ``use_int2``), 3, 5, 6 and 7 bit-packed at their own width (a uint8
+    #: initializer and standard ops that onnxruntime folds at load) instead of in INT4/INT8.
+    pack_widths: bool = True
     #: Convert the model to the opset the chosen storage types need; when False, refuse instead.
     allow_opset_upgrade: bool = True
     #: Save weights as external data when the serialized model would exceed this many bytes.

@@ -13,6 +13,12 @@ Storage types (one table, ``storage_for``)::
     4      UINT4                  INT4                [0, 15] / [-8, 7]         21
     5..7   UINT8                  INT8                [0, 2^b-1] / +-2^(b-1)    13 (10 per-tensor)
     8      UINT8                  INT8                [0, 255] / [-128, 127]    13 (10 per-tensor)
+
+With ``ExportConfig.pack_widths`` (the default), widths 2 (without INT2), 3, 5, 6 and 7 are
+stored at their own width instead (``packs``): ``insert_qdq`` gives their DequantizeLinear an
+8-bit (UINT8/INT8) input, so they need no opset 21, and ``pack_weights``, the last pass before
+saving, replaces that input by a bit-packed uint8 initializer and standard ops that unpack it and
+that onnxruntime folds at session creation (``_packing``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
+from onnx_mixquant._packing import pack_model, packs
 from onnx_mixquant.config import ExportConfig
 from onnx_mixquant.errors import ExportError, UnsupportedModelError
 from onnx_mixquant.graph import first_reader, weight_values
@@ -40,6 +47,8 @@ __all__ = [
     "StagedModel",
     "Storage",
     "insert_qdq",
+    "pack_weights",
+    "packs",
     "required_opset",
     "stage_model",
     "storage_for",
@@ -87,7 +96,8 @@ def storage_for(bits: int, signed: bool, *, use_int2: bool, per_channel: bool) -
 
 def _storage(w: QuantizedWeight, cfg: ExportConfig) -> Storage:
     qp = w.qparams
-    return storage_for(qp.bits, qp.signed, use_int2=cfg.use_int2, per_channel=qp.axis is not None)
+    bits = 8 if packs(qp.bits, cfg) else qp.bits  # unpacked to 8-bit integers before the DQ
+    return storage_for(bits, qp.signed, use_int2=cfg.use_int2, per_channel=qp.axis is not None)
 
 
 def default_opset(model: ir.Model) -> int:
@@ -235,6 +245,26 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
         graph.remove(anchor, safe=True)
     else:
         graph.initializers.pop(name)
+
+
+def pack_weights(
+    model: ir.Model, weights: Mapping[str, QuantizedWeight], exported: ExportResult, cfg: ExportConfig
+) -> ExportResult:
+    """Store every weight of a packed width (``packs``) bit-packed; mutates ``model``.
+
+    The last pass before saving: every earlier stage reads and writes the plain 8-bit integer
+    initializers ``{name}_quantized``. Per graph, width and signedness, the weights' integers are
+    concatenated in graph order and packed into one uint8 initializer; unpack ops placed at the
+    start of that graph give back each weight's integers under the same name, so DequantizeLinear,
+    its scale and zero point are unchanged (see ``_packing.pack_model``).
+
+    Returns:
+        ``exported`` with the storage of each packed weight as e.g. "UINT3 packed".
+    """
+    if not cfg.pack_widths:
+        return exported
+    packed = pack_model(model, weights, cfg, default_opset(model))
+    return replace(exported, storage={**exported.storage, **packed})
 
 
 @dataclass

@@ -10,7 +10,9 @@ Rules (``SearchConfig.rule``):
   smallest 8-bit error of any weight in the model (``QemReference.MODEL``).
 * ``BUDGET``: minimise ``sum_i e_i(b_i) / mean(W_i^2)`` (normalised error, i.e. 1/SQNR per weight)
   subject to ``sum_i n_i c(b_i) <= budget``, where c(b) is b for an average-bits target and the
-  container bytes (INT2/INT4/INT8 storage) for a byte target. Solved by a Lagrangian relaxation
+  stored bytes for a byte target: the container (INT2/INT4/INT8 storage), or b bits per value
+  for the widths the export bit-packs (``pack_widths``, mirroring ``ExportConfig.pack_widths``:
+  2 without INT2, 3, 5, 6, 7; 8 values in b bytes). Solved by a Lagrangian relaxation
   (bisection on the multiplier) followed by a greedy fill of the remaining budget.
 * ``UNIFORM``: every weight at one width (the baseline).
 
@@ -41,6 +43,7 @@ __all__ = [
     "build_error_table",
     "container_bits",
     "search_bitwidths",
+    "stored_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,8 @@ class BitPlan:
         reasons: weight name -> short text ("budget rule", "pinned by --bits 'x'", ...).
         rule: the rule that chose the free widths.
         average_bits: parameter-weighted mean width over quantized weights.
-        storage_bits: the same, priced at the ONNX container (2/4/8 bits) each width is stored in.
+        storage_bits: the same, priced at the bits each width is stored in: its own width when
+            bit-packed, else its ONNX container (2/4/8 bits).
     """
 
     bits: Mapping[str, int | None]
@@ -89,11 +93,27 @@ class BitPlan:
     storage_bits: float
 
 
-def container_bits(bits: int, use_int2: bool = False) -> int:
-    """Bits one value of width ``bits`` occupies on disk: INT2 (opt.), INT4 or INT8 storage."""
+#: Widths the export can store bit-packed at their own width (2 only without INT2).
+PACKED_WIDTHS = (2, 3, 5, 6, 7)
+
+
+def container_bits(bits: int, use_int2: bool = False, pack_widths: bool = False) -> int:
+    """Bits one value of width ``bits`` occupies on disk: its own width when the export bit-packs
+    it (``pack_widths``), else INT2 (opt.), INT4 or INT8 storage."""
+    if pack_widths and bits in PACKED_WIDTHS and not (bits == 2 and use_int2):
+        return bits
     if bits <= 2 and use_int2:
         return 2
     return 4 if bits <= 4 else 8
+
+
+def stored_bytes(size: int, bits: int, use_int2: bool = False, pack_widths: bool = False) -> int:
+    """Bytes the integers of a ``size``-value weight of width ``bits`` take in the file: groups of
+    8 values in ``bits`` bytes when bit-packed, else whole bytes of the container."""
+    c = container_bits(bits, use_int2, pack_widths)
+    if c == bits and bits in PACKED_WIDTHS and pack_widths:
+        return -(-size // 8) * bits
+    return -(-size * c // 8)
 
 
 def build_error_table(
@@ -174,6 +194,7 @@ def search_bitwidths(
     *,
     aliases: Mapping[str, tuple[str, ...]] | None = None,
     use_int2: bool = False,
+    pack_widths: bool = False,
     objective: np.ndarray | None = None,
 ) -> BitPlan:
     """Choose a width for every weight in ``table`` by ``cfg.rule``.
@@ -183,6 +204,8 @@ def search_bitwidths(
         cfg: rule, its parameters and overrides.
         aliases: extra names an override may match per weight (its consumer nodes' names).
         use_int2: whether 2-bit weights are stored as INT2 (prices the byte budget).
+        pack_widths: whether the export bit-packs widths 2 (without INT2), 3, 5, 6 and 7 at their
+            own width (``ExportConfig.pack_widths``; prices the byte budget and ``storage_bits``).
         objective: what the budget rule minimises per weight and width, shaped like
             ``table.mse`` (e.g. measured output errors); None: the normalised roundoff error.
 
@@ -201,25 +224,27 @@ def search_bitwidths(
         err = table.normalised() if objective is None else np.asarray(objective, dtype=np.float64)
         if err.shape != table.mse.shape or not np.all(np.isfinite(err)):
             raise ValueError(f"objective must be finite and shaped {table.mse.shape}, got {err.shape}")
-        chosen = _budget_rule(table, cfg, fixed, free, use_int2, err)
+        chosen = _budget_rule(table, cfg, fixed, free, (use_int2, pack_widths), err)
         why = "budget rule"
     bits: dict[str, int | None] = {}
     for n in table.names:
         bits[n] = fixed[n] if n in fixed else chosen[n]
         reasons.setdefault(n, why)
-    avg, stored = _averages(table, bits, use_int2)
+    avg, stored = _averages(table, bits, use_int2, pack_widths)
     logger.info("bit plan: %s, average %.3f bits (%.3f stored)", why, avg, stored)
     return BitPlan(bits=bits, reasons=reasons, rule=cfg.rule, average_bits=avg, storage_bits=stored)
 
 
-def _averages(table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool) -> tuple[float, float]:
+def _averages(
+    table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool, pack_widths: bool
+) -> tuple[float, float]:
     n = tot = stored = 0.0
     for name, size in zip(table.names, table.sizes, strict=True):
         b = bits[name]
         if b is not None:
             n += size
             tot += size * b
-            stored += size * container_bits(b, use_int2)
+            stored += size * container_bits(b, use_int2, pack_widths)
     return (tot / n, stored / n) if n else (0.0, 0.0)
 
 
@@ -244,15 +269,18 @@ def _budget_rule(
     cfg: SearchConfig,
     fixed: Mapping[str, int | None],
     free: np.ndarray,
-    use_int2: bool,
+    storage: tuple[bool, bool],
     err: np.ndarray,
 ) -> dict[str, int]:
-    """Minimise the summed objective ``err`` (n, k) of the free weights under the budget."""
+    """Minimise the summed objective ``err`` (n, k) of the free weights under the budget;
+    ``storage`` is (use_int2, pack_widths), which price a byte budget."""
     by_bytes = cfg.target_bytes is not None
-    unit = np.array(
-        [container_bits(b, use_int2) / 8 if by_bytes else b for b in table.bits], dtype=np.float64
-    )
-    cost = table.sizes[:, None].astype(np.float64) * unit[None, :]  # (n, k)
+
+    def price(size: int, b: int) -> float:
+        return float(stored_bytes(size, b, *storage)) if by_bytes else float(size * b)
+
+    cost = np.array([[price(int(n), b) for b in table.bits] for n in table.sizes], dtype=np.float64)
+    cost = cost.reshape(len(table.sizes), len(table.bits))  # (n, k), also when n == 0
     fixed_cost = 0.0
     quant_params = 0
     for i, name in enumerate(table.names):
@@ -261,7 +289,7 @@ def _budget_rule(
             if b is None:
                 fixed_cost += 4.0 * table.sizes[i] if by_bytes else 0.0
             else:
-                fixed_cost += table.sizes[i] * (container_bits(b, use_int2) / 8 if by_bytes else b)
+                fixed_cost += price(int(table.sizes[i]), b)
                 quant_params += int(table.sizes[i])
         else:
             quant_params += int(table.sizes[i])

@@ -102,3 +102,66 @@ def if_model_path(tmp_path: Path) -> Path:
     path = tmp_path / "ifmodel.onnx"
     onnx.save(make_if_model(), path)
     return path
+
+
+def dq_integers(model: onnx.ModelProto | Path) -> dict[str, np.ndarray]:
+    """The integer input of every main-graph DequantizeLinear that is a stored tensor, by name:
+    initializers as stored, bit-packed weights unpacked by running their unpack ops (everything
+    upstream of the DQ input, all constants) in onnxruntime at ORT_DISABLE_ALL."""
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(model)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    out = {}
+    computed: dict[str, int] = {}
+    for dq in (n for n in g.node if n.op_type == "DequantizeLinear"):
+        name = dq.input[0]
+        if name in inits:
+            out[name] = numpy_helper.to_array(inits[name])
+            continue
+        seen, stack, constant = set(), [name], True
+        while stack and constant:
+            v = stack.pop()
+            if v in inits or v == "" or v in seen:
+                continue
+            seen.add(v)
+            node = producers.get(v)
+            constant = node is not None
+            stack.extend(node.input if node is not None else [])
+        if constant:
+            zp = dq.input[2]
+            zp_type = inits[zp].data_type if zp in inits else producers[zp].attribute[0].t.data_type
+            computed[name] = zp_type
+    if computed:
+        upstream = _ancestors(computed, producers, inits)
+        nodes = [n for n in g.node if any(o in upstream for o in n.output)]
+        used = {i for n in nodes for i in n.input}
+        sub = helper.make_graph(
+            nodes,
+            "dq_integers",
+            [],
+            [helper.make_tensor_value_info(n, t, None) for n, t in computed.items()],
+            initializer=[inits[i] for i in sorted(used) if i in inits],
+        )
+        small = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(small.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out.update(zip(computed, sess.run(list(computed), {}), strict=True))
+    return out
+
+
+def _ancestors(targets: dict[str, int], producers: dict, inits: dict) -> set[str]:
+    """Every value name computed on the way to ``targets`` (initializers excluded)."""
+    seen: set[str] = set()
+    stack = list(targets)
+    while stack:
+        v = stack.pop()
+        if v in seen or v in inits or v not in producers:
+            continue
+        seen.add(v)
+        stack.extend(producers[v].input)
+    return seen

@@ -216,3 +216,56 @@ def test_zero_pads_fold_into_the_conv(tmp_path: Path) -> None:
     got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def _attention_model(path: Path) -> Path:
+    """x -> Q, K projections -> Softmax(Q K^T + mask) V -> output projection (one head)."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), name)
+        for name in ("wq", "wk", "wo")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Add", ["s", "mask"], ["sm"]),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "x"], ["o"]),
+        helper.make_node("MatMul", ["o", "wo"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 6, 6]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_attention_graph_quantizes_weight_inputs_only(tmp_path: Path) -> None:
+    from onnx_mixquant import QuantConfig, ValidateConfig, quantize
+
+    src = _attention_model(tmp_path / "attn.onnx")
+    model = read_model(src).model
+    plan = plan_activations(model, ActivationConfig(enabled=True))
+    assert plan.mode == "attention"
+    assert sorted(s.name for s in plan.sites) == ["o", "x"]  # inputs of the weight MatMuls only
+    kept = {name for name, _ in plan.skipped}
+    assert {"s", "sm", "p"} <= kept  # attention scores, masked scores and Softmax stay float
+    rng = np.random.default_rng(0)
+    calib = [
+        {"x": rng.standard_normal((2, 6, 8)).astype(np.float32), "mask": np.zeros((2, 6, 6), np.float32)}
+        for _ in range(4)
+    ]
+    report = quantize(
+        src, tmp_path / "q.onnx", QuantConfig(validate=ValidateConfig(enabled=False)), calib=calib
+    )
+    assert report.activations is not None and report.activations.placement == "attention"
+    assert report.activations.method == "minmax"  # the default range method of attention graphs

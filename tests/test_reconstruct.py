@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES
+from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES, dq_integers
 from onnx import numpy_helper
 
 from onnx_mixquant import ActivationConfig, ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
@@ -29,11 +29,8 @@ def _cfg(method: RoundingMethod, iters: int = 80) -> QuantConfig:
 
 
 def _ints(path: Path) -> dict[str, np.ndarray]:
-    return {
-        i.name: numpy_helper.to_array(i)
-        for i in onnx.load(path).graph.initializer
-        if i.name.endswith("_quantized")
-    }
+    """Integer tensors by name: weights (bit-packed ones unpacked) and int32 Gemm biases."""
+    return {name: q for name, q in dq_integers(path).items() if name.endswith("_quantized")}
 
 
 def test_brecq_learns_rounding_unit_by_unit(tmp_path: Path) -> None:

@@ -180,3 +180,26 @@ def test_guarded_pipeline_moves_a_flagged_head_up(tmp_path: Path, monkeypatch: p
     assert seen["run_bits"] == (3, 4)  # the guard runs two widths only
     assert "outliers weighted up: w2" in report.objective and "synthetic inputs" in report.objective
     assert plans[Objective.GUARDED]["w2"] > plans[Objective.ROUNDOFF]["w2"]
+
+
+def test_guard_is_skipped_without_a_decision_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnx_mixquant import QuantConfig, ValidateConfig, quantize
+
+    model = ir.from_onnx_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        det (float[N, 8] x) => (float[N, 8] y) <float[8, 8] w = {WEIGHTS}> {
+            h = MatMul (x, w)
+            y = Sigmoid (h)
+        }
+        """.replace("{WEIGHTS}", "{" + ", ".join(f"{v / 7:.4f}" for v in range(64)) + "}")
+    )
+    src = tmp_path / "det.onnx"
+    ir.save(model, src)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("probed a model with raw outputs only")
+
+    monkeypatch.setattr(S, "measure_sensitivity", never)
+    report = quantize(src, tmp_path / "q.onnx", QuantConfig(validate=ValidateConfig(enabled=False)))
+    assert report.objective.startswith("roundoff (guard not needed")
