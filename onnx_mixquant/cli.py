@@ -169,6 +169,15 @@ class _StageBars:
     show_default=True,
 )
 @click.option(
+    "--block-size",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Block-wise scales for 2-D MatMul / Gemm weights at 2-4 bits: one scale and zero point per "
+    "N consecutive weights along the reduction axis (DequantizeLinear block_size, opset 21). "
+    "0: per-channel everywhere. Conv weights and 5-8 bits stay per-channel.",
+)
+@click.option(
     "--scale-method",
     type=click.Choice([m.value for m in ScaleMethod]),
     default="minmax",

@@ -68,6 +68,11 @@ class Symmetry(enum.Enum):
         return self is Symmetry.SYMMETRIC
 
 
+#: Widest width that uses block-wise scales (``QuantizerConfig.block_size``): per-channel scales
+#: keep 5-8 bits accurate, and onnxruntime fuses int8 per-channel weights with activation Q/DQ.
+BLOCK_MAX_BITS = 4
+
+
 class Granularity(enum.Enum):
     """One scale per output channel, or one per tensor."""
 
@@ -148,12 +153,27 @@ class QuantizerConfig:
     scale_method: ScaleMethod = ScaleMethod.MINMAX
     mse_p: float = 2.4
     mse_steps: int = 80
+    #: Block-wise scales for 2-D MatMul / Gemm weights at widths <= ``BLOCK_MAX_BITS``: one scale
+    #: and zero point per ``block_size`` consecutive elements along the reduction axis K and per
+    #: output column (DequantizeLinear ``block_size``, opset 21). None or 0: per-channel everywhere.
+    #: Wider widths, Conv / ConvTranspose weights and per-tensor granularity are never block-wise.
+    block_size: int | None = 32
 
     def symmetric_at(self, bits: int) -> bool:
         """True when weights of width ``bits`` get the symmetric grid (None counts as asymmetric)."""
         return self.symmetry is not None and self.symmetry.symmetric_at(bits)
 
+    def block_at(self, bits: int) -> int | None:
+        """The block size a block-eligible (2-D MatMul / Gemm) weight of width ``bits`` uses, or
+        None for per-channel (or per-tensor) scales."""
+        if not self.block_size or bits > BLOCK_MAX_BITS or self.granularity is not Granularity.PER_CHANNEL:
+            return None
+        return self.block_size
+
     def __post_init__(self) -> None:
+        bs = self.block_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 0):
+            raise ConfigError(f"block_size must be a non-negative integer or None, got {bs!r}")
         if not (math.isfinite(self.mse_p) and self.mse_p > 0):
             raise ConfigError(f"mse_p must be a positive number, got {self.mse_p!r}")
         if not 1 <= self.mse_steps <= 100:

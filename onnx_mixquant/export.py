@@ -14,6 +14,9 @@ Storage types (one table, ``storage_for``)::
     5..7   UINT8                  INT8                [0, 2^b-1] / +-2^(b-1)    13 (10 per-tensor)
     8      UINT8                  INT8                [0, 255] / [-128, 127]    13 (10 per-tensor)
 
+A block-wise weight (``QParams.block_size``) gets DequantizeLinear attributes ``axis`` (the
+blocked reduction axis) and ``block_size`` and 2-D scale / zero point: opset 21 at least.
+
 With ``ExportConfig.pack_widths`` (the default), widths 2 (without INT2), 3, 5, 6 and 7 are
 stored at their own width instead (``packs``): ``insert_qdq`` gives their DequantizeLinear an
 8-bit (UINT8/INT8) input, so they need no opset 21, and ``pack_weights``, the last pass before
@@ -57,6 +60,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: First opset whose DequantizeLinear takes ``block_size`` (block-wise scales).
+BLOCK_MIN_OPSET = 21
+
 #: Highest default-domain opset the tool converts a model to.
 MAX_TARGET_OPSET = 25
 
@@ -97,7 +103,10 @@ def storage_for(bits: int, signed: bool, *, use_int2: bool, per_channel: bool) -
 def _storage(w: QuantizedWeight, cfg: ExportConfig) -> Storage:
     qp = w.qparams
     bits = 8 if packs(qp.bits, cfg) else qp.bits  # unpacked to 8-bit integers before the DQ
-    return storage_for(bits, qp.signed, use_int2=cfg.use_int2, per_channel=qp.axis is not None)
+    st = storage_for(bits, qp.signed, use_int2=cfg.use_int2, per_channel=qp.axis is not None)
+    if qp.block_size is not None and st.min_opset < BLOCK_MIN_OPSET:  # DQ's block_size attribute
+        st = replace(st, min_opset=BLOCK_MIN_OPSET)
+    return st
 
 
 def default_opset(model: ir.Model) -> int:
@@ -188,7 +197,7 @@ def insert_qdq(
         w = weights[name]
         st = _storage(w, cfg)
         _replace_weight(values[name], w, st)
-        storage[name] = st.dtype.name
+        storage[name] = st.dtype.name + _block_note(w)
     return model, ExportResult(storage=storage, opset_before=before, opset_after=max(before, needed))
 
 
@@ -202,6 +211,8 @@ def _replace_weight(value: ir.Value, w: QuantizedWeight, st: Storage) -> None:
         np.asarray(qp.zero_point).astype(st.numpy_dtype), dtype=st.dtype, name=f"{name}_zero_point"
     )
     attrs = {"axis": int(qp.axis)} if qp.axis is not None else {}
+    if qp.block_size is not None:  # scale / zero point in the block layout (numerics.QParams)
+        attrs["block_size"] = int(qp.block_size)
     producer = value.producer()
     if producer is not None:  # a Constant node: emit Constant nodes where it stood
         graph = producer.graph
@@ -264,7 +275,13 @@ def pack_weights(
     if not cfg.pack_widths:
         return exported
     packed = pack_model(model, weights, cfg, default_opset(model))
+    packed = {n: text + _block_note(weights[n]) if n in weights else text for n, text in packed.items()}
     return replace(exported, storage={**exported.storage, **packed})
+
+
+def _block_note(w: QuantizedWeight) -> str:
+    """ " blk32" for a weight with block-wise scales (blocks of 32), else ""."""
+    return f" blk{w.qparams.block_size}" if w.qparams.block_size is not None else ""
 
 
 @dataclass

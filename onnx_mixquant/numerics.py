@@ -4,6 +4,7 @@ NumPy only: this module imports no onnx, onnx_ir or onnxruntime.
 
 Every kernel sees a weight through a 3-D view ``(A, C, B)``: ``C`` channels on the quantization
 axis, ``A`` and ``B`` the products of the dimensions before and after it (per-tensor: ``C = 1``).
+A block-wise weight is seen as ``(1, R, block_size)``, one row per block (see :mod:`._blocks`).
 The view never copies a contiguous weight, and the kernels walk it in chunks of about
 ``_CHUNK`` elements so that temporaries stay small and cache-resident.
 """
@@ -15,6 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_mixquant._blocks import (
+    block_rows,
+    broadcast_blocks,
+    check_block_size,
+    params_from_rows,
+    params_to_rows,
+)
 from onnx_mixquant.config import ScaleMethod
 from onnx_mixquant.errors import UnsupportedModelError
 
@@ -46,10 +54,14 @@ class QParams:
     Attributes:
         bits: width 2..8.
         signed: True for symmetric (signed range, zero_point 0), False for asymmetric (unsigned).
-        scale: float32, shape ``(C,)`` per-channel (``C = w.shape[axis]``) or ``()`` per-tensor;
-            > 0.
+        scale: float32, shape ``(C,)`` per-channel (``C = w.shape[axis]``), ``()`` per-tensor,
+            or block-wise the weight's shape with ``ceil(K / block_size)`` on ``axis``; > 0.
         zero_point: int32, same shape as ``scale``, inside ``quant_range(bits, signed)``.
-        axis: channel axis (non-negative) or None for per-tensor.
+        axis: channel axis (non-negative), None for per-tensor; block-wise: the blocked axis
+            (the reduction axis ``K``, as DequantizeLinear's ``axis`` attribute).
+        block_size: None, or the elements per block along ``axis`` (the last block may be
+            partial). Example: MatMul weight ``[K, N] = [100, 8]``, ``axis=0``, ``block_size=32``:
+            scale shape ``[4, 8]``, ``scale[j, n]`` covers rows ``32j .. 32j+31`` of column ``n``.
     """
 
     bits: int
@@ -57,6 +69,7 @@ class QParams:
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None
+    block_size: int | None = None
 
     @property
     def qmin(self) -> int:
@@ -104,6 +117,7 @@ def choose_qparams(
     method: ScaleMethod = ScaleMethod.MINMAX,
     p: float = 2.4,
     steps: int = 80,
+    block_size: int | None = None,
 ) -> QParams:
     """Scales and zero-points for ``w`` (float32) at ``bits``.
 
@@ -137,17 +151,23 @@ def choose_qparams(
         method: min-max range or the MSE search.
         p: exponent of the MSE score.
         steps: number of MSE candidates, 1..100.
+        block_size: None, or block-wise along ``axis`` (each block is a "channel" above; see
+            :mod:`onnx_mixquant._blocks` for the layout).
 
     Returns:
         QParams with float32 ``scale`` and int32 ``zero_point`` of shape ``(w.shape[axis],)``,
-        or ``()`` per-tensor.
+        ``()`` per-tensor, or the block layout.
     """
     w = np.asarray(w, dtype=np.float32)
     axis = _normalise_axis(axis, w.ndim)
-    ((scale, zp),) = _choose_rows(_view3(w, axis), [bits], symmetric, method, p, steps)
-    if axis is None:
+    bs = check_block_size(block_size, axis)
+    ((scale, zp),) = _choose_rows(_view3(w, axis, bs), [bits], symmetric, method, p, steps)
+    if bs is not None:
+        assert axis is not None
+        scale, zp = (params_from_rows(a, w.shape, axis, bs) for a in (scale, zp))
+    elif axis is None:
         scale, zp = scale.reshape(()), zp.reshape(())
-    return QParams(bits=int(bits), signed=symmetric, scale=scale, zero_point=zp, axis=axis)
+    return QParams(bits=int(bits), signed=symmetric, scale=scale, zero_point=zp, axis=axis, block_size=bs)
 
 
 def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
@@ -193,7 +213,11 @@ def roundoff_error(w: np.ndarray, qp: QParams) -> float:
     """
     w = np.asarray(w, dtype=np.float32)
     s, z = _broadcast_params(qp, w.ndim, w.shape)
-    x = _view3(w, qp.axis)
+    x = _view3(w, qp.axis, qp.block_size)
+    if qp.block_size is not None:
+        assert qp.axis is not None
+        s, z = (params_to_rows(np.asarray(a), qp.axis) for a in (qp.scale, qp.zero_point))
+        s, z = s.astype(np.float32), z.astype(np.int32)
     grid = _grid(s.reshape(1, -1, 1), z.reshape(1, -1, 1), qp.bits, qp.signed)
     return float(_score_rows(x, [grid], 2.0)[0].sum() / w.size)
 
@@ -207,6 +231,7 @@ def roundoff_errors(
     method: ScaleMethod = ScaleMethod.MINMAX,
     p: float = 2.4,
     steps: int = 80,
+    block_size: int | None = None,
 ) -> np.ndarray:
     """Roundoff error of ``w`` at several widths: the MixQuant error table row of one weight.
 
@@ -217,14 +242,14 @@ def roundoff_errors(
     Args:
         w: float32 weights, any rank.
         bits: widths 2..8.
-        symmetric, axis, method, p, steps: as for :func:`choose_qparams`.
+        symmetric, axis, method, p, steps, block_size: as for :func:`choose_qparams`.
 
     Returns:
         float64 array of shape ``(len(bits),)``: ``mean((w - w'_b)^2)`` per width.
     """
     w = np.asarray(w, dtype=np.float32)
     axis = _normalise_axis(axis, w.ndim)
-    x = _view3(w, axis)
+    x = _view3(w, axis, check_block_size(block_size, axis))
     params = _choose_rows(x, list(bits), symmetric, method, p, steps)
     grids = [
         _grid(s.reshape(1, -1, 1), z.reshape(1, -1, 1), b, symmetric)
@@ -246,10 +271,14 @@ def _normalise_axis(axis: int | None, ndim: int) -> int | None:
     return int(axis) % ndim
 
 
-def _view3(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """``w`` as ``(A, C, B)``, ``C = w.shape[axis]`` (1 per-tensor); a view when contiguous."""
+def _view3(w: np.ndarray, axis: int | None, block_size: int | None = None) -> np.ndarray:
+    """``w`` as ``(A, C, B)``, ``C = w.shape[axis]`` (1 per-tensor), a view when contiguous; or
+    block-wise as ``(1, R, block_size)`` (a zero-padded copy, see :func:`._blocks.block_rows`)."""
     if w.size == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {w.shape}")
+    if block_size is not None:
+        assert axis is not None
+        return block_rows(w, axis, block_size)
     w = np.ascontiguousarray(w)
     if axis is None:
         return w.reshape(1, 1, -1)
@@ -262,6 +291,8 @@ def _broadcast_params(qp: QParams, ndim: int, shape: tuple[int, ...]) -> tuple[n
     z = np.asarray(qp.zero_point, dtype=np.int32)
     if qp.axis is None:
         return s.reshape(()), z.reshape(())
+    if qp.block_size is not None:
+        return broadcast_blocks(s, z, shape, qp.axis, qp.block_size)
     if not 0 <= qp.axis < ndim or s.size != shape[qp.axis] or z.size != s.size:
         raise ValueError(
             f"per-channel parameters of size {s.size} on axis {qp.axis} do not fit shape {shape}"

@@ -254,6 +254,17 @@ def _quantize_weights(
     values = graph.weight_values(read.model)
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
+    blocks: dict[str, int] | None = rounding.block_axes(read.sites)
+    if (
+        blocks
+        and cfg.quantizer.block_size
+        and (cfg.recon.method is RoundingMethod.BRECQ or cfg.activations.enabled)
+    ):
+        # BRECQ learns per-channel rounding only; with activation Q/DQ onnxruntime fuses
+        # DQ -> MatMul into QLinearMatMul, which refuses block-wise zero points (measured, ORT 1.23)
+        why = "--method brecq" if cfg.recon.method is RoundingMethod.BRECQ else "8-bit activations"
+        blocks = None
+        logger.info("block-wise weight scales are off with %s: per-channel scales used", why)
     with _timed(timings, "error_table"):
         table = search.build_error_table(
             weights,
@@ -261,6 +272,7 @@ def _quantize_weights(
             cfg.quantizer,
             cfg.search.candidate_bits,
             _stage_progress(progress, "error table"),
+            blocks=blocks,
         )
     objective, described = None, "roundoff"
     probe = cfg.search.rule is SearchRule.BUDGET and cfg.search.objective is not Objective.ROUNDOFF
@@ -268,7 +280,7 @@ def _quantize_weights(
         probe, described = False, "roundoff (guard not needed: no logits or probability output)"
     if probe:
         with _timed(timings, "sensitivity"):
-            found = _sensitivity(read, cfg, calib, weights, axes, table, progress, notes)
+            found = _sensitivity(read, cfg, calib, weights, axes, blocks, table, progress, notes)
         if found is not None:
             objective, described = _objective(cfg, table, found)
     with _timed(timings, "search"):
@@ -283,7 +295,7 @@ def _quantize_weights(
         )
     with _timed(timings, "rounding"):
         quantized = rounding.round_nearest(
-            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding")
+            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding"), blocks=blocks
         )
     return weights, plan, quantized, described
 
@@ -321,6 +333,7 @@ def _sensitivity(
     calib: data.CalibrationData | None,
     weights: Mapping[str, np.ndarray],
     axes: Mapping[str, int | None],
+    blocks: Mapping[str, int] | None,
     table: search.ErrorTable,
     progress: Progress | None,
     notes: list[str],
@@ -345,6 +358,7 @@ def _sensitivity(
             source,
             _stage_progress(progress, "sensitivity"),
             probe_bits=_guard_bits(table.bits) if auto else None,
+            blocks=blocks,
         )
     except UnsupportedModelError as e:
         if not auto:

@@ -12,7 +12,9 @@ Rules (``SearchConfig.rule``):
   subject to ``sum_i n_i c(b_i) <= budget``, where c(b) is b for an average-bits target and the
   stored bytes for a byte target: the container (INT2/INT4/INT8 storage), or b bits per value
   for the widths the export bit-packs (``pack_widths``, mirroring ``ExportConfig.pack_widths``:
-  2 without INT2, 3, 5, 6, 7; 8 values in b bytes). Solved by a Lagrangian relaxation
+  2 without INT2, 3, 5, 6, 7; 8 values in b bytes), plus, for the widths quantized block-wise
+  (``QuantizerConfig.block_size``), each block's float32 scale and zero point (in the integer
+  type of the DequantizeLinear input). Solved by a Lagrangian relaxation
   (bisection on the multiplier) followed by a greedy fill of the remaining budget.
 * ``UNIFORM``: every weight at one width (the baseline).
 
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_mixquant.config import (
-    Granularity,
     QemReference,
     QuantizerConfig,
     SearchConfig,
@@ -36,6 +37,7 @@ from onnx_mixquant.config import (
 )
 from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.numerics import check_finite, roundoff_errors
+from onnx_mixquant.rounding import grid_of
 
 __all__ = [
     "BitPlan",
@@ -59,6 +61,9 @@ class ErrorTable:
         bits: candidate widths (k,), ascending.
         mse: mean squared roundoff error, float64 (n, k).
         energy: mean(W^2) per weight, float64 (n,).
+        blocks: scale / zero-point pairs per weight and width when that width is block-wise,
+            else 0, int64 (n, k); None: no width is block-wise. They are priced in the byte
+            budget and ``BitPlan.storage_bits`` (not in the nominal average bits).
     """
 
     names: tuple[str, ...]
@@ -66,6 +71,18 @@ class ErrorTable:
     bits: tuple[int, ...]
     mse: np.ndarray
     energy: np.ndarray
+    blocks: np.ndarray | None = None
+
+    def scale_bits(self, i: int, b: int, use_int2: bool = False, pack_widths: bool = False) -> int:
+        """Bits the block scales and zero points of weight ``i`` at width ``b`` take (0 for a
+        width not in the table or not block-wise):
+        32 per float32 scale plus the zero point in the DequantizeLinear input's integer type
+        (e.g. 4 bits for UINT4: 4-bit weights in blocks of 32 cost 4 + 36/32 = 5.125 bits)."""
+        if self.blocks is None or b not in self.bits or not self.blocks[i, self.bits.index(b)]:
+            return 0
+        packed = pack_widths and b in PACKED_WIDTHS and not (b == 2 and use_int2)
+        zp = 8 if packed else container_bits(b, use_int2)  # packed widths are unpacked to 8 bits
+        return int(self.blocks[i, self.bits.index(b)]) * (32 + zp)
 
     def normalised(self) -> np.ndarray:
         """mse / energy (relative error, 1/SQNR); 0 for an all-zero weight."""
@@ -122,6 +139,8 @@ def build_error_table(
     quantizer: QuantizerConfig,
     bits: Sequence[int],
     progress: Callable[[int, int], None] | None = None,
+    *,
+    blocks: Mapping[str, int] | None = None,
 ) -> ErrorTable:
     """Compute ``e_b(W)`` for every weight and every width in ``bits`` under ``quantizer``.
 
@@ -131,6 +150,9 @@ def build_error_table(
         quantizer: the base quantizer the rounding stage will use.
         bits: candidate widths.
         progress: called as progress(done, total) after each weight.
+        blocks: name -> reduction axis of the weights that may be block-wise
+            (``rounding.block_axes``): each width gets the granularity the rounding stage will use
+            for it (``rounding.grid_of``), block-wise at ``quantizer.block_at(b)``.
 
     Raises:
         UnsupportedModelError: a weight holds NaN or Inf.
@@ -140,27 +162,34 @@ def build_error_table(
     mse = np.zeros((len(names), len(bits)), dtype=np.float64)
     energy = np.zeros(len(names), dtype=np.float64)
     sizes = np.zeros(len(names), dtype=np.int64)
+    n_blocks = np.zeros((len(names), len(bits)), dtype=np.int64)
     for i, name in enumerate(names):
         w = weights[name]
         check_finite(name, w)
-        axis = axes.get(name) if quantizer.granularity is Granularity.PER_CHANNEL else None
-        for symmetric in (False, True):  # one pass per grid (SYMMETRIC_INT8 mixes them by width)
-            cols = [j for j, b in enumerate(bits) if quantizer.symmetric_at(b) is symmetric]
-            if cols:
-                mse[i, cols] = roundoff_errors(
-                    w,
-                    [bits[j] for j in cols],
-                    symmetric=symmetric,
-                    axis=axis,
-                    method=quantizer.scale_method,
-                    p=quantizer.mse_p,
-                    steps=quantizer.mse_steps,
-                )
+        # one pass per grid and granularity (SYMMETRIC_INT8 and block_size mix them by width)
+        passes: dict[tuple[bool, int | None, int | None], list[int]] = {}
+        for j, b in enumerate(bits):
+            axis, bs = grid_of(name, b, axes, blocks, quantizer)
+            passes.setdefault((quantizer.symmetric_at(b), axis, bs), []).append(j)
+            if bs is not None and axis is not None:
+                n_blocks[i, j] = w.size // w.shape[axis] * -(-w.shape[axis] // bs)
+        for (symmetric, axis, bs), cols in passes.items():
+            mse[i, cols] = roundoff_errors(
+                w,
+                [bits[j] for j in cols],
+                symmetric=symmetric,
+                axis=axis,
+                method=quantizer.scale_method,
+                p=quantizer.mse_p,
+                steps=quantizer.mse_steps,
+                block_size=bs,
+            )
         energy[i] = float(np.mean(np.square(w, dtype=np.float64))) if w.size else 0.0
         sizes[i] = w.size
         if progress is not None:
             progress(i + 1, len(names))
-    return ErrorTable(names=names, sizes=sizes, bits=bits, mse=mse, energy=energy)
+    blocked = n_blocks if n_blocks.any() else None
+    return ErrorTable(names=names, sizes=sizes, bits=bits, mse=mse, energy=energy, blocks=blocked)
 
 
 def _fixed_widths(
@@ -239,12 +268,13 @@ def _averages(
     table: ErrorTable, bits: Mapping[str, int | None], use_int2: bool, pack_widths: bool
 ) -> tuple[float, float]:
     n = tot = stored = 0.0
-    for name, size in zip(table.names, table.sizes, strict=True):
+    for i, (name, size) in enumerate(zip(table.names, table.sizes, strict=True)):
         b = bits[name]
         if b is not None:
             n += size
             tot += size * b
             stored += size * container_bits(b, use_int2, pack_widths)
+            stored += table.scale_bits(i, b, use_int2, pack_widths)
     return (tot / n, stored / n) if n else (0.0, 0.0)
 
 
@@ -276,10 +306,13 @@ def _budget_rule(
     ``storage`` is (use_int2, pack_widths), which price a byte budget."""
     by_bytes = cfg.target_bytes is not None
 
-    def price(size: int, b: int) -> float:
-        return float(stored_bytes(size, b, *storage)) if by_bytes else float(size * b)
+    def price(i: int, b: int) -> float:
+        size = int(table.sizes[i])
+        if not by_bytes:
+            return float(size * b)
+        return float(stored_bytes(size, b, *storage)) + table.scale_bits(i, b, *storage) / 8
 
-    cost = np.array([[price(int(n), b) for b in table.bits] for n in table.sizes], dtype=np.float64)
+    cost = np.array([[price(i, b) for b in table.bits] for i in range(len(table.sizes))], dtype=np.float64)
     cost = cost.reshape(len(table.sizes), len(table.bits))  # (n, k), also when n == 0
     fixed_cost = 0.0
     quant_params = 0
@@ -289,7 +322,7 @@ def _budget_rule(
             if b is None:
                 fixed_cost += 4.0 * table.sizes[i] if by_bytes else 0.0
             else:
-                fixed_cost += price(int(table.sizes[i]), b)
+                fixed_cost += price(i, b)
                 quant_params += int(table.sizes[i])
         else:
             quant_params += int(table.sizes[i])

@@ -39,9 +39,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_mixquant.calibrate import probe_session
-from onnx_mixquant.config import Granularity, QuantizerConfig
+from onnx_mixquant.config import QuantizerConfig
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.numerics import choose_qparams, fake_quantize
+from onnx_mixquant.rounding import grid_of
 
 __all__ = ["PROBED_MAX_BITS", "Sensitivity", "guarded_objective", "measure_sensitivity", "output_kinds"]
 
@@ -185,6 +186,7 @@ def measure_sensitivity(
     source: str,
     progress: Callable[[int, int], None] | None = None,
     probe_bits: Sequence[int] | None = None,
+    blocks: Mapping[str, int] | None = None,
 ) -> Sensitivity:
     """Measure D[i, b] for every weight in ``weights`` (error-table order) and width in ``bits``.
 
@@ -200,6 +202,9 @@ def measure_sensitivity(
         progress: progress(done, total) per probed weight.
         probe_bits: the widths to run (the others follow the roundoff error's ratio to the
             nearest run width); None: every width up to :data:`PROBED_MAX_BITS`.
+        blocks: the weights that may be block-wise and their reduction axes
+            (:func:`onnx_mixquant.rounding.block_axes`): each width is probed on the grid the
+            error table and the rounding stage use (:func:`onnx_mixquant.rounding.grid_of`).
 
     Raises:
         UnsupportedModelError: onnxruntime cannot open or run the probe model.
@@ -225,8 +230,8 @@ def measure_sensitivity(
         for i, name in enumerate(names):
             if name in exposed:
                 w = weights[name]
-                axis = axes.get(name) if quantizer.granularity is Granularity.PER_CHANNEL else None
                 for j in run_cols:
+                    axis, block = grid_of(name, bits[j], axes, blocks, quantizer)
                     qp = choose_qparams(
                         w,
                         bits[j],
@@ -235,6 +240,7 @@ def measure_sensitivity(
                         method=quantizer.scale_method,
                         p=quantizer.mse_p,
                         steps=quantizer.mse_steps,
+                        block_size=block,
                     )
                     wq = fake_quantize(w, qp).astype(w.dtype, copy=False)
                     subst = [{**f, name: wq} for f in feeds]

@@ -248,7 +248,7 @@ def test_json_to_stdout(runner: CliRunner, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["rule"] == "qem"
-    assert all(w["storage"] in {"UINT4", "UINT8", None} for w in data["weights"])
+    assert all(w["storage"] in {"UINT4", "UINT4 blk32", "UINT8", None} for w in data["weights"])
 
 
 def test_calibrated_w8a8_fuses_and_reports(runner: CliRunner, tmp_path: Path) -> None:

@@ -208,6 +208,7 @@ def test_search_prices_packed_widths_at_their_own_width() -> None:
 
 def _cli(out: Path, *flags: str) -> dict:
     args = [str(DEMO_MODEL), str(out), "--uniform-bits", "3", "--samples", str(DEMO_SAMPLES), "--json", "-q"]
+    args += ["--block-size", "0"]  # per-channel: storage_bits are the packed widths alone
     res = CliRunner().invoke(main, [*args, *flags])
     assert res.exit_code == 0, res.stderr
     return json.loads(res.stdout)

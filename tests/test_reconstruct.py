@@ -13,7 +13,7 @@ from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES, dq_integers
 from onnx import numpy_helper
 
 from onnx_mixquant import ActivationConfig, ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
-from onnx_mixquant.config import IterSplit, ReconConfig, RoundingMethod
+from onnx_mixquant.config import IterSplit, QuantizerConfig, ReconConfig, RoundingMethod
 from onnx_mixquant.report import format_text, to_json
 
 pytest.importorskip("onnx_ad")
@@ -22,6 +22,7 @@ pytest.importorskip("onnx_ad")
 def _cfg(method: RoundingMethod, iters: int = 80) -> QuantConfig:
     return QuantConfig(
         search=SearchConfig(target_bits=3.0),
+        quantizer=QuantizerConfig(block_size=None),  # BRECQ is per-channel: compare like with like
         recon=ReconConfig(method=method, iters=iters, samples=128, batch=16),
         activations=ActivationConfig(enabled=False),  # weight-only: calibration data feed BRECQ alone
         validate=ValidateConfig(enabled=True),
