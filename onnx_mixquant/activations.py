@@ -18,9 +18,11 @@ tensor. Only the main graph is handled (tensors inside If/Loop/Scan bodies stay 
 placed differently: static 8-bit ranges on the additive attention mask (which holds -inf or
 -1e4), on Softmax inputs and outputs, on normalisation internals and on residual sums destroy such
 models (MiniLM-L6 lost 9.7 Spearman points with every activation quantized, DESIGN.md). There only
-the activation input of each MatMul / Gemm / Conv with a constant weight is quantized; everything
-else stays float (``ActivationPlan.mode`` is "attention" and every other tensor is listed as kept
-float with that reason).
+the activation input of each MatMul / Gemm / Conv whose weight is 8-bit (a DequantizeLinear of an
+INT8/UINT8 tensor without blocks, which onnxruntime fuses into an integer kernel) is quantized;
+weights of 4 bits or less keep float inputs (they never fuse); everything else stays float
+(``ActivationPlan.mode`` is "attention" and every other tensor is listed as kept float with that
+reason).
 
 ``insert_activation_qdq`` mutates the model.
 """
@@ -177,13 +179,29 @@ def has_attention(graph: ir.Graph, const: set[int] | None = None) -> bool:
     return False
 
 
+_EIGHT_BIT = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
+
+
+def _fusable(node: ir.Node, const: set[int]) -> bool:
+    """True when the node's constant weight comes from a DequantizeLinear of an 8-bit integer
+    tensor without blocks: the form onnxruntime fuses with activation Q/DQ into an integer kernel
+    (QLinearMatMul / QLinearConv). A 4-bit or block-wise weight never fuses: activation Q/DQ in
+    front of it only adds rounding noise (MiniLM-L6 W4A8: cosine 0.85 against 0.97 weight-only)."""
+    weight = next((v for v in node.inputs[:2] if v is not None and id(v) in const), None)
+    producer = weight.producer() if weight is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or not producer.inputs:
+        return False
+    q = producer.inputs[0]
+    return q is not None and q.dtype in _EIGHT_BIT and "block_size" not in producer.attributes
+
+
 def _weight_op_inputs(
     graph: ir.Graph, const: set[int], cfg: ActivationConfig, names: Mapping[ir.Node, str]
 ) -> dict[int, ir.Value]:
-    """Float activation inputs of MatMul/Gemm/Conv nodes whose other (weight) operand is constant."""
+    """Float activation inputs of MatMul/Gemm/Conv nodes whose weight is 8-bit (see _fusable)."""
     wanted: dict[int, ir.Value] = {}
     for node in graph:
-        if node.op_type not in WEIGHT_OPS or _excluded(node, names[node], cfg):
+        if node.op_type not in WEIGHT_OPS or _excluded(node, names[node], cfg) or not _fusable(node, const):
             continue
         ins = list(node.inputs[:2])
         if len(ins) < 2 or ins[0] is None or ins[1] is None:
@@ -252,7 +270,10 @@ def _attention_plan(
         readers = tuple(
             names[node]
             for node, _ in v.uses()
-            if node.graph is graph and node.op_type in WEIGHT_OPS and not _excluded(node, names[node], cfg)
+            if node.graph is graph
+            and node.op_type in WEIGHT_OPS
+            and not _excluded(node, names[node], cfg)
+            and _fusable(node, const)
         )
         sites.append(ActivationSite(name=v.name or "", shared_with=None, readers=readers))
     skipped = tuple((v.name or "", ATTENTION_REASON) for k, v in others.items() if k not in wanted)

@@ -255,10 +255,11 @@ def _quantize_weights(
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
     blocks: dict[str, int] | None = rounding.block_axes(read.sites)
+    attention_acts = cfg.activations.enabled and activations.has_attention(read.model.graph)
     if (
         blocks
         and cfg.quantizer.block_size
-        and (cfg.recon.method is RoundingMethod.BRECQ or cfg.activations.enabled)
+        and (cfg.recon.method is RoundingMethod.BRECQ or (cfg.activations.enabled and not attention_acts))
     ):
         # BRECQ learns per-channel rounding only; with activation Q/DQ onnxruntime fuses
         # DQ -> MatMul into QLinearMatMul, which refuses block-wise zero points (measured, ORT 1.23)

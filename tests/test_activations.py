@@ -253,10 +253,11 @@ def test_attention_graph_quantizes_weight_inputs_only(tmp_path: Path) -> None:
     from onnx_mixquant import QuantConfig, ValidateConfig, quantize
 
     src = _attention_model(tmp_path / "attn.onnx")
-    model = read_model(src).model
-    plan = plan_activations(model, ActivationConfig(enabled=True))
+    plan = plan_activations(_weights_quantized(src, 8), ActivationConfig(enabled=True))
     assert plan.mode == "attention"
-    assert sorted(s.name for s in plan.sites) == ["o", "x"]  # inputs of the weight MatMuls only
+    assert sorted(s.name for s in plan.sites) == ["o", "x"]  # inputs of the 8-bit weight MatMuls only
+    four = plan_activations(_weights_quantized(src, 4), ActivationConfig(enabled=True))
+    assert four.mode == "attention" and not four.sites  # 4-bit weights never fuse: inputs stay float
     kept = {name for name, _ in plan.skipped}
     assert {"s", "sm", "p"} <= kept  # attention scores, masked scores and Softmax stay float
     rng = np.random.default_rng(0)
