@@ -138,18 +138,6 @@ def quantize(
                 f"{src}: no quantizable weights found (no float32 weight of Conv, ConvTranspose, Gemm or "
                 f"MatMul); {len(read.skipped)} stored tensors left alone: {'; '.join(reasons) or 'none'}"
             )
-        if (
-            bias_auto
-            and cfg.bias.mode is not BiasCorrection.OFF
-            and activations.has_attention(read.model.graph)
-        ):
-            # measured, --calib --target-bits 4, cosine to the FP32 embeddings without -> with the
-            # correction: MiniLM-L6 0.970 -> 0.985, MiniLM-L3 0.982 -> 0.992, mpnet 0.980 -> 0.950
-            cfg = replace(cfg, bias=replace(cfg.bias, mode=BiasCorrection.OFF))
-            notes.append(
-                "bias correction is off by default in attention graphs (it cost all-mpnet-base-v2 "
-                "cosine 0.980 -> 0.950 at 4 bits); --bias-correction all turns it on"
-            )
         holdout = VALIDATION_FROM_CALIB if cfg.validate.enabled and samples_path is None else 0
         calib_data = _open_calibration(read, cfg, calib, image_spec, holdout)
         samples = (
