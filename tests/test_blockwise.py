@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from test_export import _fake_quant_reference
 
 from onnx_mixquant.config import (
     ExportConfig,
@@ -185,16 +186,7 @@ def test_export_runs_in_onnxruntime_like_numpy_fake_quant(
     assert zp_type == (packed_type if pack else (TensorProto.INT4 if signed else TensorProto.UINT4))
     assert result.storage["W4"] == ("INT" if signed else "UINT") + ("3 packed" if pack else "4") + " blk32"
     assert result.storage["W1"] == ("INT4" if signed else "UINT4")
-    ref = onnx.load(mixed_model_path)
-    for init in ref.graph.initializer:
-        if init.name in qw:
-            init.CopyFrom(
-                numpy_helper.from_array(dequantize(qw[init.name].q, qw[init.name].qparams), init.name)
-            )
-    for node in ref.graph.node:
-        if node.op_type == "Constant" and node.output[0] in qw:
-            w = qw[node.output[0]]
-            node.attribute[0].t.CopyFrom(numpy_helper.from_array(dequantize(w.q, w.qparams)))
+    ref = _fake_quant_reference(onnx.load(mixed_model_path), qw)
     x = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
     want = _run(ref, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     got = _run(str(out_path), x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
