@@ -38,6 +38,7 @@ from onnx_mixquant._assemble import (
     warnings_for,
     weight_reports,
 )
+from onnx_mixquant._datacheck import data_cost_note
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._ortsession import compute_on
 from onnx_mixquant._padfold import fold_pads_into_convs
@@ -161,6 +162,8 @@ def quantize(
         for name, value in unit_biases.items():  # corrected unit by unit inside BRECQ
             model.graph.initializers[name].const_value = ir.tensor(value, name=name)
         acts = bias = None
+        data_stages = calib_data is not None and (cfg.activations.enabled or bias_ref is not None)
+        weight_only = model.clone() if data_stages and samples is not None else None
         try:
             if calib_data is not None and cfg.activations.enabled:
                 acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
@@ -189,6 +192,10 @@ def quantize(
                     result = validate.validate(
                         src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
                     )
+                if weight_only is not None:
+                    with _timed(timings, "data_check"):
+                        note = data_cost_note(weight_only, src, Path(output_path), samples, result, cfg)
+                    notes.extend([note] if note else [])
             elif cfg.validate.enabled:  # no inputs to compare on: at least onnxruntime must load it
                 with _timed(timings, "load_check"):
                     validate.check_loads(staged.path)
