@@ -699,9 +699,8 @@ def _synthetic(read: graph.ReadModel, cfg: QuantConfig, notes: list[str]) -> val
     found, plan, why = synthetic.synthetic_samples(
         read.path, read.inputs, read.model, cfg.validate.dims, cfg.validate.num_samples, cfg.seed
     )
-    guessed = [c for c in plan.chosen if "(batch default)" not in c]
-    if guessed:
-        notes.append("random validation inputs use default dims: " + "; ".join(guessed))
+    if plan.guessed:
+        notes.append("random validation inputs use default dims: " + "; ".join(plan.guessed))
     if found is None:
         logger.warning("validation skipped: %s", why)
         notes.append(f"validation skipped (give --samples or --dim): {why}")

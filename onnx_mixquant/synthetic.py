@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_OTHER",
     "DEFAULT_SEQUENCE",
+    "DefaultDim",
     "InputRule",
     "SyntheticInputs",
     "plan_inputs",
@@ -86,13 +87,42 @@ class InputRule:
 
 
 @dataclass(frozen=True)
+class DefaultDim:
+    """A dim the user did not give: where it is, its name (None when unnamed), the value chosen
+    and why ("batch", "image", "sequence", "other": defaults by role; "fallback": a size tried
+    after the FP model rejected the defaults)."""
+
+    input: str
+    pos: int
+    name: str | None
+    value: int
+    role: str
+
+    def describe(self) -> str:
+        """E.g. "input 'x' dim 2 ('height'): 224 (image default)"."""
+        label = "unnamed" if self.name is None else repr(self.name)
+        why = "fallback" if self.role == "fallback" else f"{self.role} default"
+        return f"input {self.input!r} dim {self.pos} ({label}): {self.value} ({why})"
+
+
+@dataclass(frozen=True)
 class SyntheticInputs:
-    """Concrete shapes and value rules for every input, and how each defaulted dim was chosen."""
+    """Concrete shapes and value rules for every input, and the dims chosen without the user."""
 
     shapes: Mapping[str, tuple[int, ...]]
     rules: Mapping[str, InputRule]
-    #: "input 'x' dim 2 ('height'): 224 (image default)" for every dim not given by the user.
-    chosen: tuple[str, ...]
+    #: Every dim not given by the user (a dim name shared by several inputs is listed once).
+    defaulted: tuple[DefaultDim, ...] = ()
+
+    @property
+    def chosen(self) -> tuple[str, ...]:
+        """How each defaulted dim was chosen, one line each."""
+        return tuple(d.describe() for d in self.defaulted)
+
+    @property
+    def guessed(self) -> tuple[str, ...]:
+        """The lines of :attr:`chosen` for dims other than the batch (worth a warning)."""
+        return tuple(d.describe() for d in self.defaulted if d.role != "batch")
 
 
 def _is_unnamed(dim: object) -> bool:
@@ -199,7 +229,7 @@ def plan_inputs(
     named: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     rules: dict[str, InputRule] = {}
-    chosen: list[str] = []
+    defaulted: list[DefaultDim] = []
     for inp in inputs:
         dtype = _np_dtype(inp)
         rules[inp.name] = _rule(inp, dtype, values.get(inp.name))
@@ -213,14 +243,14 @@ def plan_inputs(
                 given = named[str(d)]
             if given is None:
                 given, role = _role(inp, pos, d, dtype.kind, sequence)
-                label = "unnamed" if _is_unnamed(d) else repr(d)
-                chosen.append(f"input {inp.name!r} dim {pos} ({label}): {given} ({role} default)")
+                name = None if _is_unnamed(d) else str(d)
+                defaulted.append(DefaultDim(inp.name, pos, name, given, role))
             if not _is_unnamed(d):
                 named.setdefault(str(d), given)
             shape.append(given)
         shapes[inp.name] = tuple(shape)
     _warn_unused(dims, inputs)
-    return SyntheticInputs(shapes, rules, tuple(chosen))
+    return SyntheticInputs(shapes, rules, tuple(defaulted))
 
 
 def _warn_unused(dims: Mapping[str, int], inputs: Sequence[ModelInput]) -> None:
@@ -254,22 +284,22 @@ def _feeds(inputs: Sequence[ModelInput], plan: SyntheticInputs, num: int, seed: 
 
 
 def _with_size(plan: SyntheticInputs, inputs: Sequence[ModelInput], size: int) -> SyntheticInputs:
-    """The plan with every defaulted non-batch dim set to ``size``."""
+    """The plan with every defaulted non-batch dim set to ``size`` (in every input that shares
+    its name)."""
+    moved = [d for d in plan.defaulted if d.role != "batch"]
+    names = {d.name for d in moved if d.name is not None}
+    places = {(d.input, d.pos) for d in moved}
     shapes = {}
     for inp in inputs:
         shape = list(plan.shapes[inp.name])
         for pos, d in enumerate(inp.dims):
-            label = "unnamed" if _is_unnamed(d) else repr(d)
-            prefix = f"input {inp.name!r} dim {pos} ({label}): "
-            entry = next((c for c in plan.chosen if c.startswith(prefix)), None)
-            if entry is not None and "(batch default)" not in entry:
+            if (inp.name, pos) in places or (not _is_unnamed(d) and str(d) in names):
                 shape[pos] = size
         shapes[inp.name] = tuple(shape)
-    chosen = tuple(
-        c if "(batch default)" in c else re.sub(r": \d+ \((\w+) default\)$", f": {size} (fallback)", c)
-        for c in plan.chosen
+    defaulted = tuple(
+        d if d.role == "batch" else replace(d, value=size, role="fallback") for d in plan.defaulted
     )
-    return SyntheticInputs(shapes, plan.rules, chosen)
+    return SyntheticInputs(shapes, plan.rules, defaulted)
 
 
 def synthetic_samples(
@@ -292,7 +322,7 @@ def synthetic_samples(
         raise ConfigError(f"number of random samples must be >= 1, got {num!r}")
     plan = plan_inputs(inputs, model, dims, sequence)
     candidates = [plan]
-    if any("(batch default)" not in c for c in plan.chosen):
+    if plan.guessed:
         candidates += [_with_size(plan, inputs, s) for s in FALLBACK_SIZES]
     try:
         sess = open_session(fp_path, CPU, "ORT_ENABLE_BASIC", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)

@@ -126,3 +126,16 @@ def test_unknown_element_type_is_an_error() -> None:
         S.plan_inputs([ModelInput("x", "?", (2,))], None)
     with pytest.raises(ConfigError, match=">= 1"):
         S.synthetic_samples(Path("unused.onnx"), [], None, None, 0, seed=0)
+
+
+def test_fallback_moves_every_input_sharing_the_dim_name() -> None:
+    inputs = [ModelInput("a", "float32", ("N", "L")), ModelInput("b", "float32", ("N", "L", 4))]
+    plan = S.plan_inputs(inputs, None)
+    assert plan.shapes == {"a": (1, S.DEFAULT_OTHER), "b": (1, S.DEFAULT_OTHER, 4)}
+    assert plan.guessed == ("input 'a' dim 1 ('L'): 16 (other default)",)  # the shared name once
+    moved = S._with_size(plan, inputs, 32)
+    assert moved.shapes == {"a": (1, 32), "b": (1, 32, 4)}
+    assert moved.chosen == (
+        "input 'a' dim 0 ('N'): 1 (batch default)",
+        "input 'a' dim 1 ('L'): 32 (fallback)",
+    )
