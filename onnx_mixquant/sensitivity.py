@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from onnx_mixquant.calibrate import probe_session
 from onnx_mixquant.config import QuantizerConfig
@@ -83,37 +84,20 @@ class Sensitivity:
 
 
 def _expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, list[str]]:
-    """A clone in which each of ``names`` that can be is a main-graph initializer and input."""
+    """A clone in which each of ``names`` that can be is a main-graph initializer and input
+    (``Constant`` nodes lifted to initializers by onnx_ir's pass, keeping their names)."""
     probe = model.clone()
+    LiftConstantsToInitializersPass(size_limit=0)(probe)
     graph = probe.graph
     exposed = []
     for name in names:
         value = graph.initializers.get(name)
-        if value is None:
-            value = _constant_to_initializer(graph, name)
         if value is None or value.const_value is None:
             continue
         if value not in graph.inputs:
             graph.inputs.append(value)
         exposed.append(name)
     return probe, exposed
-
-
-def _constant_to_initializer(graph: ir.Graph, name: str) -> ir.Value | None:
-    """Replace the main-graph ``Constant`` node producing ``name`` by an initializer."""
-    node = next((n for n in graph if n.op_type == "Constant" and n.outputs[0].name == name), None)
-    if node is None or "value" not in node.attributes:
-        return None
-    tensor = node.attributes["value"].as_tensor()
-    old = node.outputs[0]
-    new = ir.Value(
-        shape=ir.Shape(list(tensor.shape.numpy())), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    old.replace_all_uses_with(new)
-    graph.remove(node, safe=True)
-    new.name = name
-    graph.register_initializer(new)
-    return new
 
 
 def _producer_through_reshapes(value: ir.Value) -> ir.Node | None:
