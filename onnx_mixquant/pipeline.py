@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -151,7 +151,10 @@ def quantize(
         )
         recon, learned = None, None
         bias_notes = notes if bias_auto else None
-        bias_ref = _bias_reference(read, cfg, calib_data, timings, progress, bias_notes)
+        bias_rows = None
+        if calib_data is not None and cfg.bias.mode is not BiasCorrection.OFF:
+            bias_rows = _bias_run_rows(calib_data, read)
+        bias_ref = _bias_reference(read, cfg, calib_data, bias_rows, timings, progress, bias_notes)
         unit_biases: Mapping[str, np.ndarray] = {}
         if cfg.recon.method is RoundingMethod.BRECQ:
             quantized, recon, learned, unit_biases = _reconstruct(
@@ -172,10 +175,10 @@ def quantize(
                     bias = biascorrect.correct_biases(
                         model,
                         *bias_ref,
-                        _bias_feeds(calib_data, read),
+                        _bias_feeds(calib_data, bias_rows),
                         cfg.bias,
                         _stage_progress(progress, "bias correction"),
-                        _bias_batches(calib_data, cfg, read),
+                        _bias_batches(calib_data, cfg, bias_rows),
                     )
             if acts is not None:
                 activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
@@ -396,9 +399,7 @@ def _probe_feeds(
     want = cfg.search.sensitivity_samples
     if int(table.sizes.sum()) > PROBE_LARGE_PARAMS:
         want = min(want, 2)
-    free_batch = bool(read.inputs) and all(
-        inp.dims and not isinstance(inp.dims[0], int) for inp in read.inputs
-    )
+    free_batch = _free_batch(read)
     if calib is not None:
         feeds, seen = [], 0
         for feed in biascorrect.first_samples(calib.batches(), want):
@@ -508,12 +509,14 @@ def _bias_reference(
     read: graph.ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
+    rows: int | None,
     timings: dict[str, float],
     progress: Progress | None,
     notes: list[str] | None,
 ) -> tuple[biascorrect.BiasPlan, list[np.ndarray]] | None:
-    """The biases to correct and the FP model's output means (before export rewrites the model);
-    None when there is nothing to do or (``notes`` given) when it failed."""
+    """The biases to correct and the FP model's output means (before export rewrites the model),
+    on runs of ``rows`` samples (see _bias_run_rows); None when there is nothing to do or
+    (``notes`` given) when it failed."""
     if cfg.bias.mode is BiasCorrection.OFF or calib is None:
         return None
     with _timed(timings, "bias_reference"), _bias_failures(notes):
@@ -521,9 +524,9 @@ def _bias_reference(
         means = biascorrect.reference_means(
             read.model,
             plan.targets,
-            biascorrect.first_samples(_bias_feeds(calib, read)(), cfg.bias.samples),
+            biascorrect.first_samples(_bias_feeds(calib, rows)(), cfg.bias.samples),
             _stage_progress(progress, "bias reference"),
-            _bias_batches(calib, cfg, read),
+            _bias_batches(calib, cfg, rows),
         )
         return plan, means
     return None
@@ -536,36 +539,47 @@ def _bias_reference(
 BIAS_INPUT_BYTES = 16 * 2**20
 
 
-def _bias_rows(read: graph.ReadModel, feed: Mapping[str, np.ndarray]) -> int:
-    """Samples per run for the bias correction (the whole batch where the model fixes it)."""
-    rows = calibrate.batch_samples(feed)
-    if any(inp.dims and isinstance(inp.dims[0], int) for inp in read.inputs):
-        return rows
-    per_sample = sum(np.asarray(a).nbytes for a in feed.values()) / max(rows, 1)
-    return max(1, min(rows, int(BIAS_INPUT_BYTES // max(per_sample, 1.0))))
+def _free_batch(read: graph.ReadModel) -> bool:
+    """True when every input has an axis 0 that the model leaves free (no fixed batch size), so
+    batches may be joined or cut."""
+    return bool(read.inputs) and all(
+        inp.dims and not (isinstance(inp.dims[0], int) and inp.dims[0] >= 0) for inp in read.inputs
+    )
+
+
+def _bias_run_rows(calib: data.CalibrationData, read: graph.ReadModel) -> int | None:
+    """Samples per bias-correction run: None (whole batches) unless one batch's inputs take more
+    than BIAS_INPUT_BYTES and the model leaves the batch free. Reads the first batch once."""
+    if not _free_batch(read):
+        return None
+    first = next(iter(calib.batches()), None)
+    if first is None:
+        return None
+    rows = calibrate.batch_samples(first)
+    per_sample = sum(np.asarray(a).nbytes for a in first.values()) / max(rows, 1)
+    run = max(1, int(BIAS_INPUT_BYTES // max(per_sample, 1.0)))
+    return run if run < rows else None
 
 
 def _bias_feeds(
-    calib: data.CalibrationData, read: graph.ReadModel
-) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
-    """The calibration batches, cut into runs of at most BIAS_INPUT_BYTES of inputs."""
+    calib: data.CalibrationData, rows: int | None
+) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
+    """The calibration batches, cut into runs of ``rows`` samples (None: as they are)."""
+    if rows is None:
+        return calib.batches
 
     def feeds() -> Iterator[dict[str, np.ndarray]]:
         for feed in calib.batches():
-            k = _bias_rows(read, feed)
-            rows = calibrate.batch_samples(feed)
-            for start in range(0, rows, k):
-                yield feed if k >= rows else {n: a[start : start + k] for n, a in feed.items()}
+            for start in range(0, calibrate.batch_samples(feed), rows):
+                yield {n: a[start : start + rows] for n, a in feed.items()}
 
     return feeds
 
 
-def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig, read: graph.ReadModel) -> int:
+def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig, rows: int | None) -> int:
     """Runs the bias correction makes per pass (for its progress)."""
     batches = min(calib.num_batches, -(-cfg.bias.samples // calib.batch_size))
-    first = next(iter(calib.batches()), None)
-    per_batch = 1 if first is None else -(-calibrate.batch_samples(first) // _bias_rows(read, first))
-    return batches * per_batch
+    return batches if rows is None else batches * -(-calib.batch_size // rows)
 
 
 def _open_calibration(

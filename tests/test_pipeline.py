@@ -204,3 +204,33 @@ def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pyt
         )
         assert asked and {a[0] for a in asked} == {first}
     assert _ortsession.compute_providers() == ("CPUExecutionProvider",)  # outside a run: the CPU
+
+
+def test_bias_runs_cut_large_batches_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bias correction cuts batches whose inputs exceed BIAS_INPUT_BYTES into runs of the same
+    samples in the same order; small batches pass through as they are."""
+    import numpy as np
+
+    from onnx_mixquant import data, graph, pipeline
+
+    read = graph.read_model(DEMO_MODEL)
+    calib = data.open_calibration(DEMO_CALIB, read.inputs, batch_size=16)
+    assert pipeline._bias_run_rows(calib, read) is None  # 16 digits: far below the limit
+    per_sample = sum(a[:1].nbytes for a in next(iter(calib.batches())).values())
+    monkeypatch.setattr(pipeline, "BIAS_INPUT_BYTES", 5 * per_sample)
+    rows = pipeline._bias_run_rows(calib, read)
+    assert rows == 5
+    runs = list(pipeline._bias_feeds(calib, rows)())
+    whole = list(calib.batches())
+    assert max(len(r["input"]) for r in runs) == 5
+    np.testing.assert_array_equal(
+        np.concatenate([r["input"] for r in runs]), np.concatenate([b["input"] for b in whole])
+    )
+    assert pipeline._bias_batches(calib, QuantConfig(), rows) == 4 * 4  # 4 batches of 16 -> 4 runs each
+    report = quantize(
+        DEMO_MODEL,
+        tmp_path / "cut.onnx",
+        QuantConfig(),
+        calib=DEMO_CALIB,
+    )
+    assert report.bias_correction is not None and report.bias_correction.layers
