@@ -209,8 +209,6 @@ def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pyt
 def test_bias_runs_cut_large_batches_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bias correction cuts batches whose inputs exceed BIAS_INPUT_BYTES into runs of the same
     samples in the same order; small batches pass through as they are."""
-    import numpy as np
-
     from onnx_mixquant import data, graph, pipeline
 
     read = graph.read_model(DEMO_MODEL)
