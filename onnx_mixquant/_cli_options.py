@@ -144,7 +144,7 @@ def build_config(opts: dict[str, Any]) -> QuantConfig:
             symmetry=Symmetry(opts["symmetry"]) if opts["symmetry"] else None,
             granularity=Granularity(opts["granularity"]),
             scale_method=ScaleMethod(opts["scale_method"]),
-            block_size=opts.get("block_size", 32) or None,
+            block_size=opts["block_size"] or None,
         ),
         search=_search_config(opts),
         export=ExportConfig(

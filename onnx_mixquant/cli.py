@@ -40,6 +40,7 @@ from onnx_mixquant.config import (
     IterSplit,
     Objective,
     QemReference,
+    QuantizerConfig,
     ReconGranularity,
     RoundingMethod,
     ScaleMethod,
@@ -171,7 +172,7 @@ class _StageBars:
 @click.option(
     "--block-size",
     type=click.IntRange(min=0),
-    default=32,
+    default=QuantizerConfig().block_size,
     show_default=True,
     help="Block-wise scales for 2-D MatMul / Gemm weights at 2-4 bits: one scale and zero point per "
     "N consecutive weights along the reduction axis (DequantizeLinear block_size, opset 21). "
