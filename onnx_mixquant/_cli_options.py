@@ -185,8 +185,10 @@ def _recon_config(opts: dict[str, Any]) -> ReconConfig:
 
 
 def _activation_config(opts: dict[str, Any]) -> ActivationConfig:
+    if opts["weight_only"] and opts["static_activations"]:
+        raise click.UsageError("--weight-only and --static-activations contradict each other: choose one")
     return ActivationConfig(
-        enabled=False if opts["weight_only"] else None,
+        enabled=False if opts["weight_only"] else (True if opts["static_activations"] else None),
         method=CalibMethod(opts["calib_method"]) if opts["calib_method"] else None,
         percentile=opts["percentile"],
         symmetric=opts["act_type"] == "int8",

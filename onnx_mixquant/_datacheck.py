@@ -11,7 +11,7 @@ samples says whether the data paid off, and the report says so when they did not
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnx_mixquant import export, validate
 from onnx_mixquant.config import QuantConfig
 
-__all__ = ["MARGIN_DB", "data_cost_note"]
+__all__ = ["MARGIN_DB", "BiasCheck", "check_bias", "data_cost_note"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +62,52 @@ def data_cost_note(
         f"{with_data:.1f} dB against {without:.1f} dB for the same weights without 8-bit activations "
         "and bias correction; --weight-only or --bias-correction off may do better"
     )
+
+
+@dataclass
+class BiasCheck:
+    """The held-out comparison of the model with and without the bias correction.
+
+    Attributes:
+        with_db: lowest output SQNR (dB) with the correction.
+        without_db: the same without it.
+        staged: the model without the correction, staged for writing, when it is the better one
+            (the caller commits or discards it); else None.
+        result: its validation result when ``staged`` is set.
+    """
+
+    with_db: float
+    without_db: float
+    staged: export.StagedModel | None = None
+    result: validate.ValidationResult | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Whether the correction stays (it is dropped only when the model is better without)."""
+        return self.staged is None
+
+
+def check_bias(
+    before: ir.Model,
+    src: Path,
+    output_path: Path,
+    samples: validate.Samples,
+    final: validate.ValidationResult,
+    cfg: QuantConfig,
+) -> BiasCheck:
+    """Validate ``before`` (the final model but for the bias correction) on ``samples``, which
+    ``final`` was validated on; it is staged for writing when its lowest output SQNR is higher."""
+    staged = export.stage_model(before, output_path, src, cfg.export)
+    try:
+        result = validate.validate(src, staged.path, samples, cfg.validate)
+    except BaseException:
+        staged.discard()
+        raise
+    with_db, without_db = _worst_sqnr(final), _worst_sqnr(result)
+    logger.info(
+        "bias correction, lowest held-out output SQNR: %.2f dB with, %.2f dB without", with_db, without_db
+    )
+    if without_db > with_db:
+        return BiasCheck(with_db, without_db, staged, result)
+    staged.discard()
+    return BiasCheck(with_db, without_db)

@@ -84,6 +84,11 @@ class BiasReport:
     seconds: float
     layers: tuple[BiasLayer, ...]
     skipped: tuple[tuple[str, str], ...]
+    #: Lowest held-out output SQNR (dB) with and without the correction, when it was checked
+    #: (``_datacheck.check_bias``); None when it was not.
+    held_out_db: tuple[float, float] | None = None
+    #: False when the check found the model better without it, and it was not written.
+    kept: bool = True
 
 
 def _add_means(model: ir.Model, targets: Sequence[BiasTarget]) -> list[str]:

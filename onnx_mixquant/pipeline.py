@@ -38,7 +38,7 @@ from onnx_mixquant._assemble import (
     warnings_for,
     weight_reports,
 )
-from onnx_mixquant._datacheck import data_cost_note
+from onnx_mixquant._datacheck import check_bias, data_cost_note
 from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._ortsession import compute_on
 from onnx_mixquant._padfold import fold_pads_into_convs
@@ -123,16 +123,18 @@ def quantize(
     Raises:
         MixQuantError: bad model, data or options (the message names the file/tensor/option).
     """
-    cfg = resolve_config(config or QuantConfig(), has_calib=calib is not None)
+    asked = config or QuantConfig()
     # a bias correction the user did not ask for must not fail the run: it is skipped, with a warning
-    bias_auto = (config or QuantConfig()).bias.mode is None
-    with compute_on(cfg.device):  # calibration, bias correction and BRECQ run there
+    bias_auto = asked.bias.mode is None
+    with compute_on(asked.device):  # calibration, bias correction and BRECQ run there
         notes: list[str] = []
         timings: dict[str, float] = {}
         src = Path(input_path)
         export.check_destination(Path(output_path), src)
         with _timed(timings, "read"):
             read = graph.read_model(src)
+        attention = activations.has_attention(read.model.graph)
+        cfg = resolve_config(asked, has_calib=calib is not None, attention=attention)
         if not read.sites:
             reasons = sorted({s.reason.split(" (")[0] for s in read.skipped})
             raise UnsupportedModelError(
@@ -167,10 +169,14 @@ def quantize(
         acts = bias = None
         data_stages = calib_data is not None and (cfg.activations.enabled or bias_ref is not None)
         weight_only = model.clone() if data_stages and samples is not None else None
+        # an automatic bias correction is kept only where held-out samples show it helps
+        checkable = bias_auto and samples is not None and not samples.synthetic
+        before_bias = None
         try:
             if calib_data is not None and cfg.activations.enabled:
                 acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
             if bias_ref is not None and calib_data is not None:
+                before_bias = model.clone() if checkable else None
                 with _timed(timings, "bias_correction"), _bias_failures(bias_notes):
                     bias = biascorrect.correct_biases(
                         model,
@@ -180,12 +186,15 @@ def quantize(
                         _stage_progress(progress, "bias correction"),
                         _bias_batches(calib_data, cfg, bias_rows),
                     )
-            if acts is not None:
-                activations.quantize_gemm_biases(model)  # after the bias correction: int32 from here
+            if acts is not None:  # after the bias correction: int32 from here
+                for m in (model, before_bias) if before_bias is not None else (model,):
+                    activations.quantize_gemm_biases(m)
         finally:
             if calib_data is not None:
                 calib_data.close()  # removes what a one-shot reader spooled to disk
         with _timed(timings, "save"):
+            if before_bias is not None:
+                export.pack_weights(before_bias, quantized, exported, cfg.export)
             exported = export.pack_weights(model, quantized, exported, cfg.export)  # last: bit-packing
             staged = export.stage_model(model, Path(output_path), src, cfg.export)
         try:
@@ -195,6 +204,18 @@ def quantize(
                     result = validate.validate(
                         src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
                     )
+                if before_bias is not None and bias is not None:
+                    with _timed(timings, "bias_check"):
+                        check = check_bias(before_bias, src, Path(output_path), samples, result, cfg)
+                    bias = replace(bias, held_out_db=(check.with_db, check.without_db), kept=check.kept)
+                    if check.staged is not None and check.result is not None:
+                        staged.discard()
+                        staged, result = check.staged, check.result
+                        notes.append(
+                            f"bias correction not written: on {samples.source} the model without it is "
+                            f"closer to FP32 (lowest output SQNR {check.without_db:.1f} dB against "
+                            f"{check.with_db:.1f} dB); --bias-correction all forces it"
+                        )
                 if weight_only is not None:
                     with _timed(timings, "data_check"):
                         note = data_cost_note(weight_only, src, Path(output_path), samples, result, cfg)
@@ -235,13 +256,19 @@ def quantize(
         )
 
 
-def resolve_config(cfg: QuantConfig, *, has_calib: bool = False) -> QuantConfig:
+def resolve_config(cfg: QuantConfig, *, has_calib: bool = False, attention: bool = False) -> QuantConfig:
     """Fill in the settings whose default depends on others, in one place for the CLI and the
-    Python API: activation quantization (on when there are calibration data, see
-    ActivationConfig), the weight symmetry (see QuantizerConfig) and the bias correction (on when
-    there are calibration data, see BiasConfig)."""
+    Python API: activation quantization (on when there are calibration data, except in attention
+    graphs, see ActivationConfig), the weight symmetry (see QuantizerConfig) and the bias
+    correction (on when there are calibration data, see BiasConfig)."""
     if cfg.activations.enabled is None:
-        cfg = replace(cfg, activations=replace(cfg.activations, enabled=has_calib))
+        if has_calib and attention:
+            logger.info(
+                "attention graph: activations stay float (--static-activations quantizes the "
+                "inputs of 8-bit weight MatMuls)"
+            )
+        enabled = has_calib and not attention
+        cfg = replace(cfg, activations=replace(cfg.activations, enabled=enabled))
     if cfg.quantizer.symmetry is None:
         sym = Symmetry.SYMMETRIC_INT8 if cfg.activations.enabled else Symmetry.ASYMMETRIC
         cfg = replace(cfg, quantizer=replace(cfg.quantizer, symmetry=sym))

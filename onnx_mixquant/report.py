@@ -335,6 +335,13 @@ def _bias_lines(b: BiasReport | None) -> list[str]:
             + (f" ({created} had no bias: a zero one was added)" if created else "")
             + f"; mean |FP - quantized output mean| per channel {before:.3g} -> {after:.3g}"
         ]
+    if b.held_out_db is not None:
+        with_db, without_db = b.held_out_db
+        verdict = "kept" if b.kept else "NOT written: the model is closer to FP32 without it"
+        out.append(
+            f"  held-out check: lowest output SQNR {with_db:.2f} dB with it, {without_db:.2f} dB "
+            f"without: {verdict}"
+        )
     out.extend(f"  not corrected: {node}: {why}" for node, why in b.skipped[:8])
     if len(b.skipped) > 8:
         out.append(f"  ... {len(b.skipped) - 8} more not corrected (see --report)")

@@ -83,12 +83,26 @@ def test_plan_follows_onnxruntime_qdq_convention(tmp_path: Path) -> None:
     model = _weights_quantized(_residual_model(tmp_path / "m.onnx"), 8)
     plan = plan_activations(model, ActivationConfig(enabled=True))
     by = {s.name: s for s in plan.sites}
-    # c1 is read only by Relu: left float so that Relu -> Q fuses; s likewise
-    assert set(by) == {"x", "r1", "c2", "r2", "p", "f"}
-    assert by["p"].shared_with == "r2" and by["f"].shared_with == "r2"
+    # c1 is read only by Relu: left float so that Relu -> Q fuses; s likewise; f feeds the head
+    # (the Gemm writing the float graph output), which runs in float
+    assert set(by) == {"x", "r1", "c2", "r2", "p"}
+    assert by["p"].shared_with == "r2"
     assert by["r1"].shared_with is None and set(by["r1"].readers) == {"conv2", "add"}
     assert plan.calibrated() == ("x", "r1", "c2", "r2")
-    assert ("y", "graph output kept float") in plan.skipped
+    assert "y" not in by
+    assert ("f", "read only by excluded nodes or float weight ops") in plan.skipped
+    plan = plan_activations(model, ActivationConfig(enabled=True, keep_outputs_float=False))
+    assert {"f", "y"} <= {s.name for s in plan.sites}  # a quantized output: the head can fuse
+
+
+def test_weight_ops_that_cannot_fuse_read_float(tmp_path: Path) -> None:
+    """4-bit weights never fuse into an integer kernel: Q/DQ in front of them is only noise."""
+    plan = plan_activations(
+        _weights_quantized(_residual_model(tmp_path / "m.onnx"), 4), ActivationConfig(enabled=True)
+    )
+    by = {s.name: s for s in plan.sites}
+    assert "x" not in by and "f" not in by
+    assert set(by["r1"].readers) == {"add"}  # conv2 reads it float
 
 
 def test_exclusions(tmp_path: Path) -> None:
@@ -97,7 +111,7 @@ def test_exclusions(tmp_path: Path) -> None:
         model, ActivationConfig(enabled=True, exclude_op_types=("Add",), exclude_nodes=("re:^gemm$",))
     )
     by = {s.name: s for s in plan.sites}
-    assert "c2" not in by and ("c2", "read only by excluded nodes") in plan.skipped
+    assert "c2" not in by and ("c2", "read only by excluded nodes or float weight ops") in plan.skipped
     assert by["r1"].readers == ("conv2",)
     assert "f" not in by  # read only by the excluded Gemm
     plan = plan_activations(model, ActivationConfig(enabled=True, keep_outputs_float=False))
@@ -113,7 +127,7 @@ def test_insert_runs_close_to_float_and_fuses_8_bit(tmp_path: Path, bits: int, f
     params = {
         n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()
     }
-    assert insert_activation_qdq(model, plan, params) == 6
+    assert insert_activation_qdq(model, plan, params) == (5 if bits == 8 else 4)
     out = tmp_path / "q.onnx"
     ir.save(model, out)
     onnx.checker.check_model(onnx.load(out), full_check=True)
@@ -128,9 +142,11 @@ def test_insert_runs_close_to_float_and_fuses_8_bit(tmp_path: Path, bits: int, f
     result = check_fusion(out, ["conv1", "conv2", "gemm"])
     assert result is not None
     if fused:
-        assert result.fused == {"conv1": "QLinearConv", "conv2": "QLinearConv", "gemm": "QGemm"}
+        assert result.fused == {"conv1": "QLinearConv", "conv2": "QLinearConv"}
+        assert "gemm" in result.unfused  # the head reads float: it writes the float graph output
     else:  # 4-bit weights: onnxruntime keeps DequantizeLinear + float Conv
-        assert result.unfused["conv1"] == "Conv (float)" and result.unfused["conv2"] == "Conv (float)"
+        assert result.unfused["conv1"].endswith("Conv (float)")  # FusedConv: Conv + Relu, in float
+        assert result.unfused["conv2"] == "Conv (float)"
 
 
 def test_shared_parameters_are_one_initializer(tmp_path: Path) -> None:
@@ -140,9 +156,9 @@ def test_shared_parameters_are_one_initializer(tmp_path: Path) -> None:
     params = {n: activation_qparams(0.0 if n != "x" else -2.0, 3.0, False) for n in plan.calibrated()}
     insert_activation_qdq(model, plan, params)
     qnodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
-    assert len(qnodes) == 6
+    assert len(qnodes) == 5
     scales = {n.inputs[0].name: n.inputs[1].name for n in qnodes}
-    assert scales["p"] == scales["f"] == scales["r2"] == "r2_act_scale"
+    assert scales["p"] == scales["r2"] == "r2_act_scale"
     zp = model.graph.initializers["x_act_zero_point"].const_value
     assert zp is not None and zp.dtype == ir.DataType.UINT8 and int(zp.numpy()) == 102  # round(2/(5/255))
 
@@ -154,7 +170,8 @@ def test_gemm_bias_becomes_int32_so_qgemm_fuses(tmp_path: Path) -> None:
     m.graph.node[-1].input.append("bg")
     onnx.save(m, src)
     model = _weights_quantized(src, 8)
-    plan = plan_activations(model, ActivationConfig(enabled=True))
+    # a quantized graph output: the head can fuse
+    plan = plan_activations(model, ActivationConfig(enabled=True, keep_outputs_float=False))
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
     params = {
         n: activation_qparams(lo, hi, False) for n, (lo, hi) in _ranges(src, plan.calibrated(), x).items()
@@ -162,8 +179,6 @@ def test_gemm_bias_becomes_int32_so_qgemm_fuses(tmp_path: Path) -> None:
     insert_activation_qdq(model, plan, params)
     out = tmp_path / "q.onnx"
     ir.save(model, out)
-    before = check_fusion(out, ["gemm"])
-    assert before is not None and "gemm" in before.unfused  # float bias: no QGemm
     assert quantize_gemm_biases(model) == 1
     bias = model.graph.initializers["bg_quantized"].const_value
     assert bias is not None and bias.dtype == ir.DataType.INT32
@@ -268,5 +283,8 @@ def test_attention_graph_quantizes_weight_inputs_only(tmp_path: Path) -> None:
     report = quantize(
         src, tmp_path / "q.onnx", QuantConfig(validate=ValidateConfig(enabled=False)), calib=calib
     )
+    assert report.activations is None  # by default an attention graph keeps float activations
+    forced = QuantConfig(activations=ActivationConfig(enabled=True), validate=ValidateConfig(enabled=False))
+    report = quantize(src, tmp_path / "q.onnx", forced, calib=calib)
     assert report.activations is not None and report.activations.placement == "attention"
     assert report.activations.method == "minmax"  # the default range method of attention graphs

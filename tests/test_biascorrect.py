@@ -140,7 +140,7 @@ def channel_means(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]]) ->
 def _cfg(mode: BiasCorrection, acts: bool = False) -> QuantConfig:
     return QuantConfig(
         search=SearchConfig(rule=SearchRule.UNIFORM, uniform_bits=3, target_bits=None),
-        activations=ActivationConfig(enabled=acts),
+        activations=ActivationConfig(enabled=acts, keep_outputs_float=False),  # the head fuses too
         bias=BiasConfig(mode=mode),
         validate=ValidateConfig(enabled=False),
     )

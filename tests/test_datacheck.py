@@ -27,3 +27,40 @@ def test_note_when_the_data_stages_cost_output_sqnr(tmp_path: Path, monkeypatch:
 def test_no_check_without_calibration_data(tmp_path: Path) -> None:
     report = quantize(MODELS / "digits_cnn.onnx", tmp_path / "c.onnx", QuantConfig())
     assert "data_check" not in report.timings_s
+
+
+def test_an_automatic_bias_correction_is_kept_only_where_it_helps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from onnx_mixquant.config import BiasConfig, BiasCorrection
+
+    src, calib = MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz"
+    kept = quantize(src, tmp_path / "kept.onnx", QuantConfig(), calib=calib)
+    b = kept.bias_correction
+    assert b is not None and b.held_out_db is not None and "bias_check" in kept.timings_s
+    assert b.kept == (b.held_out_db[0] >= b.held_out_db[1])
+    forced = quantize(
+        src,
+        tmp_path / "forced.onnx",
+        replace(QuantConfig(), bias=BiasConfig(BiasCorrection.ALL)),
+        calib=calib,
+    )
+    assert (
+        forced.bias_correction is not None and forced.bias_correction.held_out_db is None
+    )  # asked: no check
+    # the model without the correction measures better: that one is written, and the report says so
+    calls = iter([10.0, 20.0])
+    monkeypatch.setattr(D, "_worst_sqnr", lambda result: next(calls, 0.0))
+    dropped = quantize(src, tmp_path / "dropped.onnx", QuantConfig(), calib=calib)
+    assert dropped.bias_correction is not None and not dropped.bias_correction.kept
+    assert dropped.bias_correction.held_out_db == (10.0, 20.0)
+    assert any("bias correction not written" in w for w in dropped.warnings)
+    monkeypatch.undo()
+    off = quantize(
+        src, tmp_path / "off.onnx", replace(QuantConfig(), bias=BiasConfig(BiasCorrection.OFF)), calib=calib
+    )
+    assert off.output_written and dropped.output_written
+    assert (tmp_path / "dropped.onnx").read_bytes() == (tmp_path / "off.onnx").read_bytes()
+    assert (tmp_path / "kept.onnx").read_bytes() != (tmp_path / "off.onnx").read_bytes() or not b.kept

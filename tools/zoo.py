@@ -102,6 +102,17 @@ VARIANTS: dict[str, Variant] = {
         Variant("t3", "`--calib CALIB --target-bits 3`", ("--calib", CALIB, "--target-bits", "3")),
         Variant("u4c", "`--uniform-bits 4 --calib CALIB`", ("--uniform-bits", "4", "--calib", CALIB)),
         Variant("u4", "`--uniform-bits 4`, no data (the size reference of plain)", ("--uniform-bits", "4")),
+        Variant("w8", "`--target-bits 8`, no data (the reference of t8)", ("--target-bits", "8")),
+        Variant(
+            "t8w",
+            "`--calib CALIB --target-bits 8 --weight-only`",
+            ("--calib", CALIB, "--target-bits", "8", "--weight-only"),
+        ),
+        Variant(
+            "t4w",
+            "`--calib CALIB --target-bits 4 --weight-only`",
+            ("--calib", CALIB, "--target-bits", "4", "--weight-only"),
+        ),
         Variant(
             "ort_dynamic",
             "onnxruntime `quantize_dynamic` (int8 weights, per_channel False, default options)",
