@@ -62,6 +62,7 @@ __all__ = [
     "MEMORY_BUDGET",
     "CalibrationResult",
     "TensorRange",
+    "activation_stream",
     "batch_samples",
     "collect_ranges",
     "probe_session",
@@ -250,6 +251,25 @@ def probe_session(probe: ir.Model, *, early_free: bool = False) -> Iterator[ort.
         yield _new_session(str(path), early_free)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def activation_stream(
+    batches: Callable[[], Iterable[Feed]],
+) -> Callable[[ir.Model, Sequence[str]], Iterator[dict[str, np.ndarray]]]:
+    """A per-layer stream of activations over the calibration ``batches`` (the rounding stage's
+    ``ActivationStream``): ``stream(model, names)`` yields, per batch, the values of the tensors
+    ``names`` of ``model``, running only the nodes they need; one batch's values are held at a
+    time."""
+
+    def stream(model: ir.Model, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        _check_names(model, names)
+        with probe_session(_probe_model(model, names)) as sess:
+            wanted = {i.name for i in sess.get_inputs()}
+            for feed in batches():
+                outs = sess.run(list(names), {k: v for k, v in feed.items() if k in wanted})
+                yield {n: np.asarray(o) for n, o in zip(names, outs, strict=True)}
+
+    return stream
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from onnx_mixquant._fusion import check_fusion
 from onnx_mixquant._ortsession import compute_on
 from onnx_mixquant._padfold import fold_pads_into_convs
 from onnx_mixquant.config import (
+    ActivationConfig,
     BiasCorrection,
     ImageSpec,
     Objective,
@@ -56,7 +57,6 @@ from onnx_mixquant.numerics import QParams
 from onnx_mixquant.report import (
     ActivationReport,
     ActivationTensor,
-    ReconReport,
     Report,
 )
 
@@ -148,23 +148,21 @@ def quantize(
             if cfg.validate.enabled
             else None
         )
-        weights, plan, quantized, objective = _quantize_weights(
-            read, cfg, calib_data, timings, progress, notes
-        )
-        recon, learned = None, None
+        weights, plan, to_round, objective = _plan_weights(read, cfg, calib_data, timings, progress, notes)
         bias_notes = notes if bias_auto else None
         bias_rows = None
         if calib_data is not None and cfg.bias.mode is not BiasCorrection.OFF:
             bias_rows = _bias_run_rows(calib_data, read)
         bias_ref = _bias_reference(read, cfg, calib_data, bias_rows, timings, progress, bias_notes)
-        unit_biases: Mapping[str, np.ndarray] = {}
-        if cfg.recon.method is RoundingMethod.BRECQ:
-            quantized, recon, learned, unit_biases = _reconstruct(
-                read, cfg, weights, quantized, calib_data, timings, progress, bias_ref, bias_notes
+        with _timed(timings, "rounding"):
+            rounded = rounding.round_weights(
+                read.model, to_round, _rounding_data(cfg, calib_data, bias_ref, bias_notes), cfg, progress
             )
+        quantized, recon, learned = rounded.weights, rounded.report, rounded.act_params
+        notes.extend(rounded.notes)
         with _timed(timings, "export"):
             model, exported = export.insert_qdq(read.model, quantized, cfg.export)
-        for name, value in unit_biases.items():  # corrected unit by unit inside BRECQ
+        for name, value in rounded.biases.items():  # corrected by the rounding method (BRECQ's units)
             model.graph.initializers[name].const_value = ir.tensor(value, name=name)
         acts = bias = None
         data_stages = calib_data is not None and (cfg.activations.enabled or bias_ref is not None)
@@ -278,16 +276,17 @@ def resolve_config(cfg: QuantConfig, *, has_calib: bool = False, attention: bool
     return cfg
 
 
-def _quantize_weights(
+def _plan_weights(
     read: graph.ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
     timings: dict[str, float],
     progress: Progress | None,
     notes: list[str],
-) -> tuple[dict[str, np.ndarray], search.BitPlan, dict[str, rounding.QuantizedWeight], str]:
-    """Error table -> [output sensitivity] -> bit plan -> nearest rounding, for every weight site;
-    also returns how the budget objective was obtained (for the report)."""
+) -> tuple[dict[str, np.ndarray], search.BitPlan, rounding.RoundingPlan, str]:
+    """Error table -> [output sensitivity] -> bit plan, for every weight site: the float weights,
+    the plan, what the rounding stage rounds, and how the budget objective was obtained (for the
+    report)."""
     values = graph.weight_values(read.model)
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
@@ -331,11 +330,7 @@ def _quantize_weights(
             pack_widths=cfg.export.pack_widths,
             objective=objective,
         )
-    with _timed(timings, "rounding"):
-        quantized = rounding.round_nearest(
-            weights, axes, plan.bits, cfg.quantizer, _stage_progress(progress, "rounding"), blocks=blocks
-        )
-    return weights, plan, quantized, described
+    return weights, plan, rounding.RoundingPlan(read.sites, weights, axes, plan.bits, blocks), described
 
 
 def _has_decision_output(read: graph.ReadModel) -> bool:
@@ -447,76 +442,55 @@ def _probe_feeds(
     return feeds, "synthetic inputs", ""
 
 
-def _reconstruct(
-    read: graph.ReadModel,
-    cfg: QuantConfig,
-    weights: dict[str, np.ndarray],
-    quantized: dict[str, rounding.QuantizedWeight],
-    calib: data.CalibrationData | None,
-    timings: dict[str, float],
-    progress: Progress | None,
-    bias_ref: tuple[biascorrect.BiasPlan, list[np.ndarray]] | None,
-    notes: list[str] | None,
-) -> tuple[
-    dict[str, rounding.QuantizedWeight], ReconReport, Mapping[str, QParams] | None, Mapping[str, np.ndarray]
-]:
-    """BRECQ: learn the rounding of every weight, unit by unit, on the calibration data (and the
-    activation steps, when activations are quantized); with ``BiasCorrection.ALL`` (``bias_ref``
-    planned) each unit's biases are corrected as soon as its rounding is fixed. Returns the weights,
-    the report, the activation parameters with learned steps (None when that stage did not run) and
-    the corrected biases by initializer name. ``notes`` given: the correction is the default, and a
-    failure of it stops it with a note instead of failing the run."""
-    from onnx_mixquant.reconstruct.train import reconstruct  # onnx-ad is only needed here
+@dataclass(frozen=True)
+class _ActivationStage:
+    """The activation stage as the rounding stage's hook (BRECQ learns the steps it calibrates)."""
 
-    if calib is None:
-        raise ConfigError("--method brecq needs calibration data (--calib PATH)")
-    act = cfg.activations
+    act: ActivationConfig
+    calib: data.CalibrationData
 
-    def act_init(model: Any) -> tuple[activations.ActivationPlan, dict[str, QParams]]:
-        """Plan and calibrate the activations of the weight-quantized model (BRECQ's second stage)."""
-        aplan = activations.plan_activations(model, act)
-        how = replace(act, method=act.method_for(aplan.mode == "attention"))
+    def calibrate(self, model: ir.Model) -> tuple[activations.ActivationPlan, dict[str, QParams]]:
+        """Plan and calibrate the activations of the weight-quantized ``model``."""
+        aplan = activations.plan_activations(model, self.act)
+        how = replace(self.act, method=self.act.method_for(aplan.mode == "attention"))
         ranges = calibrate.collect_ranges(
-            model, aplan.calibrated(), calib.batches, how, None, calib.num_batches
+            model, aplan.calibrated(), self.calib.batches, how, None, self.calib.num_batches
         ).ranges
         return aplan, {
-            n: activations.activation_qparams(r.rmin, r.rmax, act.symmetric) for n, r in ranges.items()
+            n: activations.activation_qparams(r.rmin, r.rmax, self.act.symmetric) for n, r in ranges.items()
         }
 
+    def insert(
+        self, model: ir.Model, plan: activations.ActivationPlan, params: Mapping[str, QParams]
+    ) -> None:
+        """Insert the Q/DQ of ``plan`` into ``model``."""
+        activations.insert_activation_qdq(model, plan, params)
+
+
+def _rounding_data(
+    cfg: QuantConfig,
+    calib: data.CalibrationData | None,
+    bias_ref: tuple[biascorrect.BiasPlan, list[np.ndarray]] | None,
+    notes: list[str] | None,
+) -> rounding.RoundingData | None:
+    """What a data-aware rounding method reads: the calibration batches, a per-layer activation
+    stream, the activation stage (when activations are quantized) and, with
+    ``BiasCorrection.ALL`` (``bias_ref`` planned), the biases to correct unit by unit. ``notes``
+    given: that correction is the default, and its failure stops it with a note instead of
+    failing the run."""
+    if calib is None:
+        return None
     per_unit = bias_ref[0].targets if bias_ref is not None and cfg.bias.mode is BiasCorrection.ALL else ()
-    with _timed(timings, "reconstruct"):
-        result = reconstruct(
-            read.model,
-            read.sites,
-            quantized,
-            weights,
-            calib.batches(),
-            cfg.recon,
-            seed=cfg.seed,
-            progress=progress,
-            act_init=act_init if act.enabled else None,
-            bias_targets=per_unit,
-            bias_samples=cfg.bias.samples,
-            bias_strict=notes is None,
-        )
-    if result.bias_error is not None and notes is not None:
-        notes.append(
-            f"bias correction inside BRECQ (default with calibration data) stopped: {result.bias_error}"
-        )
-    report = ReconReport(
-        act_units=result.act_units,
-        fisher=cfg.recon.fisher,
-        provider=result.provider,
-        seconds=result.seconds,
-        iters=cfg.recon.iters,
-        samples=cfg.recon.samples,
-        batch=cfg.recon.batch,
-        granularity=cfg.recon.granularity.value,
-        units=result.units,
-        split=cfg.recon.split.value,
-        bias=result.bias,
+    return rounding.RoundingData(
+        batches=calib.batches,
+        num_batches=calib.num_batches,
+        source=calib.source,
+        stream=calibrate.activation_stream(calib.batches),
+        activations=_ActivationStage(cfg.activations, calib) if cfg.activations.enabled else None,
+        bias_targets=per_unit,
+        bias_samples=cfg.bias.samples,
+        bias_strict=notes is None,
     )
-    return dict(result.weights), report, result.act_params, result.biases
 
 
 @contextmanager

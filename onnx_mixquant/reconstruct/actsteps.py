@@ -22,17 +22,20 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_mixquant.activations import ActivationPlan, insert_activation_qdq
 from onnx_mixquant.errors import UnsupportedModelError
 from onnx_mixquant.graph import node_names
 from onnx_mixquant.numerics import QParams
 from onnx_mixquant.reconstruct._common import Adam, Run, held_out_error, run_tensor, training_count
 from onnx_mixquant.reconstruct.adaround import UnitProgram
 from onnx_mixquant.reconstruct.blocks import Unit
+
+if TYPE_CHECKING:
+    from onnx_mixquant.rounding.stage import ActivationHook
 
 __all__ = ["ActUnitReport", "learn_activation_steps"]
 
@@ -69,7 +72,8 @@ def _cosine(t: int, total: int, lr: float) -> float:
 def learn_activation_steps(
     units: Sequence[Unit],
     run: Run,
-    plan: ActivationPlan,
+    hook: ActivationHook,
+    plan: Any,
     params: Mapping[str, QParams],
 ) -> tuple[dict[str, QParams], tuple[ActUnitReport, ...]]:
     """Learn the steps of the calibrated activation tensors, unit by unit.
@@ -80,7 +84,8 @@ def learn_activation_steps(
             its dequantized value), the cached calibration samples, the settings (``act_iters``,
             ``act_lr``, ``batch``), the batch generator, the cache, the provider and the progress
             callback, progress(stage, done, total, info).
-        plan: the activation plan of ``run.work``.
+        hook: the activation stage (inserts the Q/DQ of ``plan``).
+        plan: the activation plan of ``run.work`` (from ``hook.calibrate``).
         params: calibrated 8-bit parameters of every ``plan.calibrated()`` tensor.
 
     Returns:
@@ -102,7 +107,7 @@ def learn_activation_steps(
         if unit.input in sites:
             fixed[unit.input] = out[sites[unit.input].shared_with or unit.input]
         act = {**fixed, **{t: out[t] for t in learn}}
-        rep, learned = _unit(unit, run, plan, out, act, learn, stage)
+        rep, learned = _unit(unit, run, (hook, plan), out, act, learn, stage)
         reports.append(rep)
         out.update(learned)
         kept.update(learned)
@@ -112,7 +117,7 @@ def learn_activation_steps(
 def _unit(
     unit: Unit,
     run: Run,
-    plan: ActivationPlan,
+    planned: tuple[ActivationHook, Any],
     current: Mapping[str, QParams],
     act: Mapping[str, QParams],
     learn: Sequence[str],
@@ -123,7 +128,8 @@ def _unit(
     t0 = time.perf_counter()
     cfg, rng, progress = run.cfg, run.rng, run.progress
     quantized = run.work.clone()
-    insert_activation_qdq(quantized, plan, current)
+    hook, plan = planned
+    hook.insert(quantized, plan, current)
     x = run_tensor(quantized, unit.input, run.inputs, run.cache, run.provider)
     y = run_tensor(run.fp_model, unit.output, run.inputs, run.cache, run.provider)
     try:

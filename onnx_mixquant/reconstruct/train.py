@@ -19,13 +19,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_mixquant._ortsession import compute_providers
 from onnx_mixquant._padfold import fold_pads_into_convs
-from onnx_mixquant.activations import ActivationPlan
 from onnx_mixquant.biascorrect import BiasReport, BiasTarget
 from onnx_mixquant.config import IterSplit, ReconConfig, ReconGranularity
 from onnx_mixquant.errors import UnsupportedModelError
@@ -49,7 +49,10 @@ from onnx_mixquant.reconstruct.actsteps import ActUnitReport, learn_activation_s
 from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, hard_quantize, init_v
 from onnx_mixquant.reconstruct.blocks import Unit, partition
 from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight
-from onnx_mixquant.rounding import QuantizedWeight
+from onnx_mixquant.rounding.nearest import QuantizedWeight
+
+if TYPE_CHECKING:
+    from onnx_mixquant.rounding.stage import ActivationHook
 
 __all__ = ["ReconResult", "UnitReport", "reconstruct"]
 
@@ -93,10 +96,6 @@ class ReconResult:
     biases: Mapping[str, np.ndarray] = field(default_factory=dict)
     bias: BiasReport | None = None
     bias_error: str | None = None
-
-
-#: Plans and calibrates the activations of a model: (plan, parameters by calibrated tensor).
-ActivationInit = Callable[[ir.Model], tuple[ActivationPlan, dict[str, QParams]]]
 
 
 def _schedule(t: int, iters: int, cfg: ReconConfig) -> tuple[float, float]:
@@ -170,7 +169,7 @@ def reconstruct(
     *,
     seed: int = 0,
     progress: ReconProgress | None = None,
-    act_init: ActivationInit | None = None,
+    activations: ActivationHook | None = None,
     bias_targets: Sequence[BiasTarget] = (),
     bias_samples: int = 64,
     bias_strict: bool = True,
@@ -187,9 +186,9 @@ def reconstruct(
         cfg: iterations, samples, batch, schedule.
         seed: seeds the batch sampling.
         progress: progress(stage, done, total, info) per unit.
-        act_init: with activation quantization: plans and calibrates the activations of the
-            weight-quantized model; their steps are then learned unit by unit (``cfg.act_iters``
-            > 0, :mod:`.actsteps`).
+        activations: with activation quantization, the activation stage: it plans and
+            calibrates the activations of the weight-quantized model; their steps are then
+            learned unit by unit (``cfg.act_iters`` > 0, :mod:`.actsteps`).
         bias_targets: biases to correct unit by unit (:mod:`._unitbias`), each unit's right after
             its rounding is fixed, on the first ``bias_samples`` samples; from
             ``biascorrect.plan_correction`` on ``fp_model``. ``bias_strict``: a failed measurement
@@ -228,9 +227,9 @@ def reconstruct(
                     set_weight(run.work, name, dequantize(result[name].q, result[name].qparams))
             if ub is not None:
                 ub.correct(run.work, unit)
-        if act_init is not None and cfg.act_iters > 0:
-            plan, params = act_init(run.work)
-            act_params, act_units = learn_activation_steps(units, run, plan, params)
+        if activations is not None and cfg.act_iters > 0:
+            plan, params = activations.calibrate(run.work)
+            act_params, act_units = learn_activation_steps(units, run, activations, plan, params)
     finally:
         run.cache.close()
     return ReconResult(

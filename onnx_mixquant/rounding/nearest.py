@@ -1,5 +1,5 @@
-"""Rounding stage: the integer weights for a bit plan. Nearest rounding with the base quantizer's
-scales (the "vanilla asymmetric" method); BRECQ's learned rounding will produce the same type.
+"""Nearest rounding with the base quantizer's scales (the "vanilla asymmetric" method), the grid
+every rounding method starts from, and the integer-weight type all of them produce.
 
 NumPy only: this module imports no onnx, onnx_ir or onnxruntime.
 """
