@@ -291,17 +291,11 @@ def _plan_weights(
     weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
     blocks: dict[str, int] | None = rounding.block_axes(read.sites)
-    attention_acts = cfg.activations.enabled and activations.has_attention(read.model.graph)
-    if (
-        blocks
-        and cfg.quantizer.block_size
-        and (cfg.recon.method is RoundingMethod.BRECQ or (cfg.activations.enabled and not attention_acts))
-    ):
-        # BRECQ learns per-channel rounding only; with activation Q/DQ onnxruntime fuses
-        # DQ -> MatMul into QLinearMatMul, which refuses block-wise zero points (measured, ORT 1.23)
-        why = "--method brecq" if cfg.recon.method is RoundingMethod.BRECQ else "8-bit activations"
+    if blocks and cfg.quantizer.block_size and cfg.recon.method is RoundingMethod.BRECQ:
+        # BRECQ learns per-channel rounding only. (Activation Q/DQ never meets a block-wise weight:
+        # it does not fuse, so its op reads float activations, see activations._float_weight_op.)
         blocks = None
-        logger.info("block-wise weight scales are off with %s: per-channel scales used", why)
+        logger.info("block-wise weight scales are off with --method brecq: per-channel scales used")
     with _timed(timings, "error_table"):
         table = search.build_error_table(
             weights,
