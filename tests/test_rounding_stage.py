@@ -59,14 +59,15 @@ def test_a_registered_method_is_used_without_touching_the_pipeline(
     """A method sees the plan, the calibration data and the layer stream; its integers are written."""
     seen: dict[str, object] = {}
 
-    def truncating(model, plan, data, cfg, progress):  # type: ignore[no-untyped-def]
+    def truncating(job: R.RoundingJob) -> R.RoundingResult:
+        model, plan, data = job.model, job.plan, job.data
         assert data is not None and data.stream is not None
         first = next(iter(plan.sites))
         reader = next(n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul"))
         stream = data.stream(model, [reader.inputs[0].name])
         seen["rows"] = sum(next(iter(b.values())).shape[0] for b in stream)
         seen["source"] = data.source
-        out = R.stage.nearest(model, plan, data, cfg, progress).weights
+        out = R.stage.nearest(job).weights
         w = out[first.name]
         zero = w.qparams.zero_point if w.qparams.zero_point is not None else 0
         flat = np.broadcast_to(

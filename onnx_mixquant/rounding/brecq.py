@@ -4,44 +4,33 @@ biases corrected as soon as a unit's rounding is fixed, and the activation steps
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from onnx_mixquant.config import QuantConfig
 from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.reconstruct.train import reconstruct
 from onnx_mixquant.report import ReconReport
-from onnx_mixquant.rounding.stage import Progress, RoundingData, RoundingPlan, RoundingResult, nearest
-
-if TYPE_CHECKING:
-    import onnx_ir as ir
+from onnx_mixquant.rounding.stage import RoundingJob, RoundingResult, nearest
 
 __all__ = ["brecq"]
 
 
-def brecq(
-    model: ir.Model,
-    plan: RoundingPlan,
-    data: RoundingData | None,
-    cfg: QuantConfig,
-    progress: Progress | None,
-) -> RoundingResult:
-    """Learn the rounding of every weight of ``plan``, unit by unit, on ``data``'s batches.
+def brecq(job: RoundingJob) -> RoundingResult:
+    """Learn the rounding of every weight of ``job.plan``, unit by unit, on ``job.data``'s batches.
 
     Raises:
         ConfigError: no calibration data.
     """
+    data, plan, cfg = job.data, job.plan, job.cfg
     if data is None:
         raise ConfigError("--method brecq needs calibration data (--calib PATH)")
-    start = nearest(model, plan, data, cfg, progress).weights
+    start = nearest(job).weights
     result = reconstruct(
-        model,
+        job.model,
         plan.sites,
         start,
         plan.weights,
         iter(data.batches()),
         cfg.recon,
         seed=cfg.seed,
-        progress=progress,
+        progress=job.progress,
         activations=data.activations,
         bias_targets=data.bias_targets,
         bias_samples=data.bias_samples,

@@ -1,7 +1,7 @@
 """The rounding stage's contract: a bit plan and (optionally) calibration data in, integer weights
 and corrected biases out, whatever the method.
 
-A method is a function ``(model, plan, data, cfg, progress) -> RoundingResult`` registered in
+A method is a function ``(RoundingJob) -> RoundingResult`` registered in
 :data:`METHODS` under its :class:`~onnx_mixquant.config.RoundingMethod`; the pipeline only calls
 :func:`round_weights`, so a new method (GPTQ-class, say) is added here and in the enum, not in the
 pipeline. Data-aware methods read the calibration data through :class:`RoundingData`:
@@ -44,6 +44,7 @@ __all__ = [
     "ActivationStream",
     "RoundingData",
     "RoundingFn",
+    "RoundingJob",
     "RoundingPlan",
     "RoundingResult",
     "round_weights",
@@ -115,44 +116,35 @@ class RoundingResult:
     notes: tuple[str, ...] = ()
 
 
-class RoundingFn(Protocol):
-    """A rounding method (see the module docstring)."""
+@dataclass(frozen=True)
+class RoundingJob:
+    """One call of a rounding method: the FP model (not modified), what to round, the data (None:
+    no calibration data), all settings, and progress(stage, done, total, info="")."""
 
-    def __call__(
-        self,
-        model: ir.Model,
-        plan: RoundingPlan,
-        data: RoundingData | None,
-        cfg: QuantConfig,
-        progress: Progress | None,
-    ) -> RoundingResult: ...
+    model: ir.Model
+    plan: RoundingPlan
+    data: RoundingData | None
+    cfg: QuantConfig
+    progress: Progress | None = None
 
 
-def nearest(
-    model: ir.Model,
-    plan: RoundingPlan,
-    data: RoundingData | None,
-    cfg: QuantConfig,
-    progress: Progress | None,
-) -> RoundingResult:
+#: A rounding method (see the module docstring).
+RoundingFn = Callable[[RoundingJob], RoundingResult]
+
+
+def nearest(job: RoundingJob) -> RoundingResult:
     """Round to nearest on the base quantizer's grid (data-free)."""
-    del model, data
+    plan, progress = job.plan, job.progress
     step = None if progress is None else (lambda done, total: progress("rounding", done, total))
     return RoundingResult(
-        round_nearest(plan.weights, plan.axes, plan.bits, cfg.quantizer, step, blocks=plan.blocks)
+        round_nearest(plan.weights, plan.axes, plan.bits, job.cfg.quantizer, step, blocks=plan.blocks)
     )
 
 
-def _brecq(
-    model: ir.Model,
-    plan: RoundingPlan,
-    data: RoundingData | None,
-    cfg: QuantConfig,
-    progress: Progress | None,
-) -> RoundingResult:
+def _brecq(job: RoundingJob) -> RoundingResult:
     from onnx_mixquant.rounding.brecq import brecq  # onnx-ad is only needed here
 
-    return brecq(model, plan, data, cfg, progress)
+    return brecq(job)
 
 
 #: Rounding methods by the option that selects them.
@@ -177,4 +169,4 @@ def round_weights(
     method = METHODS.get(cfg.recon.method)
     if method is None:
         raise ConfigError(f"no rounding method {cfg.recon.method.value!r}")
-    return method(model, plan, data, cfg, progress)
+    return method(RoundingJob(model, plan, data, cfg, progress))
