@@ -38,6 +38,7 @@ from onnx_mixquant.config import (
     ValidateConfig,
     WeightOverride,
 )
+from onnx_mixquant.data import save_preprocess_model
 from onnx_mixquant.errors import (
     CalibrationError,
     ConfigError,
@@ -47,7 +48,6 @@ from onnx_mixquant.errors import (
     UnsupportedModelError,
 )
 from onnx_mixquant.pipeline import quantize
-from onnx_mixquant.preprocess import save_preprocess_model
 from onnx_mixquant.report import ActivationReport, Report, WeightReport
 
 __all__ = [

@@ -186,7 +186,7 @@ class Objective(enum.Enum):
     ``ROUNDOFF``: the weight's normalised roundoff error ``e_b / mean(W^2)`` (the MixQuant table
     alone). ``OUTPUT``: the measured relative error of the model's outputs with only that weight
     quantized at that width, on calibration samples when given, else on synthetic inputs
-    (:mod:`onnx_mixquant.sensitivity`). ``GUARDED``: the roundoff error, multiplied for each weight
+    (:mod:`onnx_mixquant.search.sensitivity`). ``GUARDED``: the roundoff error, multiplied for each weight
     whose measured output error per unit of roundoff error exceeds ``guard_ratio`` times the
     model's median by its measured ratio (an outlier guard: a classifier or LM head that the
     roundoff rule would crush); the roundoff error alone where the model cannot be probed or has
@@ -296,7 +296,7 @@ class ActivationConfig:
     #: alike; ``pipeline.resolve_config`` settles it), False: weight-only (``--weight-only``).
     enabled: bool | None = None
     #: None: PERCENTILE, the best of the three on two of the three bench models (BENCHMARKS.md),
-    #: except in attention graphs (activations.py), where MINMAX is (MiniLM-L6 W8A8: cosine to the
+    #: except in attention graphs (calibrate/activations.py), where MINMAX is (MiniLM-L6 W8A8: cosine to the
     #: FP32 embeddings 0.995 against 0.953 with PERCENTILE and 0.994 with MSE); see method_for().
     method: CalibMethod | None = None
     #: PERCENTILE keeps this share (in %) of the values inside the range.
@@ -435,11 +435,11 @@ class BiasCorrection(enum.Enum):
 @dataclass(frozen=True)
 class BiasConfig:
     """Empirical bias correction (needs calibration data): add to each layer's bias the shift
-    quantization made in its per-channel output mean (see ``biascorrect.py``)."""
+    quantization made in its per-channel output mean (see ``rounding/biascorrect.py``)."""
 
     #: None: ``ALL`` when calibration data are given (they are needed), else ``OFF``. With BRECQ,
     #: ``ALL`` also corrects each unit's layers as soon as its rounding is learned, before the next
-    #: unit trains (``reconstruct/_unitbias.py``). Measured
+    #: unit trains (``rounding/reconstruct/_unitbias.py``). Measured
     #: (BENCHMARKS.md): resnet20 W4A8 MixQuant + nearest 0.7925 -> 0.8058 top-1 in 1-2 s,
     #: EfficientNet-Lite0 W4A8 0.834 -> 0.853 in about 15 s on 2 cores.
     mode: BiasCorrection | None = None

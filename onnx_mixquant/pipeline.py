@@ -18,30 +18,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnx_mixquant import (
-    activations,
-    biascorrect,
-    calibrate,
-    data,
-    export,
-    graph,
-    rounding,
-    search,
-    sensitivity,
-    synthetic,
-    validate,
-)
-from onnx_mixquant._assemble import (
-    check_gate_inputs,
-    gate_failures,
-    settings_dict,
-    warnings_for,
-    weight_reports,
-)
-from onnx_mixquant._datacheck import check_bias, data_cost_note
-from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant._ortsession import compute_on
-from onnx_mixquant._padfold import fold_pads_into_convs
+from onnx_mixquant import calibrate, data, export, rounding, search, validate
+from onnx_mixquant.calibrate import activations
 from onnx_mixquant.config import (
     ActivationConfig,
     BiasCorrection,
@@ -52,13 +30,25 @@ from onnx_mixquant.config import (
     SearchRule,
     Symmetry,
 )
+from onnx_mixquant.data import synthetic
 from onnx_mixquant.errors import ConfigError, MixQuantError, UnsupportedModelError
 from onnx_mixquant.numerics import QParams
+from onnx_mixquant.read import ReadModel, fold_pads_into_convs, read_model, weight_array, weight_values
 from onnx_mixquant.report import (
     ActivationReport,
     ActivationTensor,
     Report,
+    check_gate_inputs,
+    gate_failures,
+    settings_dict,
+    warnings_for,
+    weight_reports,
 )
+from onnx_mixquant.rounding import biascorrect
+from onnx_mixquant.search import sensitivity
+from onnx_mixquant.session import compute_on
+from onnx_mixquant.toolkit import node_names
+from onnx_mixquant.validate import check_bias, check_fusion, data_cost_note
 
 __all__ = ["Progress", "quantize", "resolve_config"]
 
@@ -105,10 +95,10 @@ def quantize(
         output_path: where to write; never the input. Written only when every quality gate passes.
         config: all options; defaults when None.
         samples_path: inputs (and optional labels) to validate on, anything ``calib`` accepts
-            (see :func:`onnx_mixquant.data.load_samples`); else samples held out of the
+            (see :func:`onnx_mixquant.data.sources.load_samples`); else samples held out of the
             calibration data when given (:data:`VALIDATION_FROM_CALIB`, which calibration, bias
             correction and BRECQ then never see), else synthetic inputs
-            (:mod:`onnx_mixquant.synthetic`; indicative only, and validation is skipped with a
+            (:mod:`onnx_mixquant.data.synthetic`; indicative only, and validation is skipped with a
             warning when the FP model rejects them).
         labels_path: CSV of ``path,label`` rows labelling the files of ``samples_path``.
         calib: calibration data for activation quantization (``config.activations.enabled``): a
@@ -132,7 +122,7 @@ def quantize(
         src = Path(input_path)
         export.check_destination(Path(output_path), src)
         with _timed(timings, "read"):
-            read = graph.read_model(src)
+            read = read_model(src)
         attention = activations.has_attention(read.model.graph)
         cfg = resolve_config(asked, has_calib=calib is not None, attention=attention)
         if not read.sites:
@@ -277,7 +267,7 @@ def resolve_config(cfg: QuantConfig, *, has_calib: bool = False, attention: bool
 
 
 def _plan_weights(
-    read: graph.ReadModel,
+    read: ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
     timings: dict[str, float],
@@ -287,8 +277,8 @@ def _plan_weights(
     """Error table -> [output sensitivity] -> bit plan, for every weight site: the float weights,
     the plan, what the rounding stage rounds, and how the budget objective was obtained (for the
     report)."""
-    values = graph.weight_values(read.model)
-    weights = {s.name: graph.weight_array(values[s.name]) for s in read.sites}
+    values = weight_values(read.model)
+    weights = {s.name: weight_array(values[s.name]) for s in read.sites}
     axes = {s.name: s.axis for s in read.sites}
     blocks: dict[str, int] | None = rounding.block_axes(read.sites)
     if blocks and cfg.quantizer.block_size and cfg.recon.method is RoundingMethod.BRECQ:
@@ -327,7 +317,7 @@ def _plan_weights(
     return weights, plan, rounding.RoundingPlan(read.sites, weights, axes, plan.bits, blocks), described
 
 
-def _has_decision_output(read: graph.ReadModel) -> bool:
+def _has_decision_output(read: ReadModel) -> bool:
     """True when an output holds logits or probabilities: the guard protects such decisions (a
     classifier or LM head); on raw outputs it weighted up the last conv of the DBNet text
     detector and cost 6 F1 points against the roundoff objective (0.890 vs 0.950)."""
@@ -355,7 +345,7 @@ def _objective(
 
 
 def _sensitivity(
-    read: graph.ReadModel,
+    read: ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
     weights: Mapping[str, np.ndarray],
@@ -407,7 +397,7 @@ def _guard_bits(bits: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _probe_feeds(
-    read: graph.ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None, table: search.ErrorTable
+    read: ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None, table: search.ErrorTable
 ) -> tuple[list[dict[str, np.ndarray]] | None, str, str]:
     """A few input batches for the sensitivity probe: calibration samples when given, else
     synthetic inputs (joined into one batch where the batch dim is free); (None, "", why) when
@@ -501,7 +491,7 @@ def _bias_failures(notes: list[str] | None) -> Iterator[None]:
 
 
 def _bias_reference(
-    read: graph.ReadModel,
+    read: ReadModel,
     cfg: QuantConfig,
     calib: data.CalibrationData | None,
     rows: int | None,
@@ -534,7 +524,7 @@ def _bias_reference(
 BIAS_INPUT_BYTES = 16 * 2**20
 
 
-def _free_batch(read: graph.ReadModel) -> bool:
+def _free_batch(read: ReadModel) -> bool:
     """True when every input has an axis 0 that the model leaves free (no fixed batch size), so
     batches may be joined or cut."""
     return bool(read.inputs) and all(
@@ -542,7 +532,7 @@ def _free_batch(read: graph.ReadModel) -> bool:
     )
 
 
-def _bias_run_rows(calib: data.CalibrationData, read: graph.ReadModel) -> int | None:
+def _bias_run_rows(calib: data.CalibrationData, read: ReadModel) -> int | None:
     """Samples per bias-correction run: None (whole batches) unless one batch's inputs take more
     than BIAS_INPUT_BYTES and the model leaves the batch free. Reads the first batch once."""
     if not _free_batch(read):
@@ -578,7 +568,7 @@ def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig, rows: int | Non
 
 
 def _open_calibration(
-    read: graph.ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None, holdout: int = 0
+    read: ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None, holdout: int = 0
 ) -> data.CalibrationData | None:
     act = cfg.activations
     if calib is None:
@@ -660,7 +650,7 @@ def _quantize_activations(
 
 def _compute_readers(model: Any, aplan: activations.ActivationPlan) -> tuple[str, ...]:
     """Conv/ConvTranspose/Gemm/MatMul nodes that read a quantized activation (fusion targets)."""
-    ops = {name: node.op_type for node, name in graph.node_names(model).items()}
+    ops = {name: node.op_type for node, name in node_names(model).items()}
     found = {
         r for s in aplan.sites for r in s.readers if ops.get(r) in ("Conv", "ConvTranspose", "Gemm", "MatMul")
     }
@@ -668,7 +658,7 @@ def _compute_readers(model: Any, aplan: activations.ActivationPlan) -> tuple[str
 
 
 def _samples(
-    read: graph.ReadModel,
+    read: ReadModel,
     cfg: QuantConfig,
     given: tuple[Any, str | Path | None, ImageSpec | None],
     calib: data.CalibrationData | None,
@@ -703,7 +693,7 @@ def _samples(
     return found
 
 
-def _synthetic(read: graph.ReadModel, cfg: QuantConfig, notes: list[str]) -> validate.Samples | None:
+def _synthetic(read: ReadModel, cfg: QuantConfig, notes: list[str]) -> validate.Samples | None:
     """Random validation inputs (None, with a note, when the FP model runs on none)."""
     found, plan, why = synthetic.synthetic_samples(
         read.path, read.inputs, read.model, cfg.validate.dims, cfg.validate.num_samples, cfg.seed

@@ -11,17 +11,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant.activations import (
+from onnx_mixquant.calibrate.activations import (
     activation_qparams,
     insert_activation_qdq,
     plan_activations,
     quantize_gemm_biases,
 )
 from onnx_mixquant.config import ActivationConfig, ExportConfig, QuantizerConfig
-from onnx_mixquant.export import insert_qdq
-from onnx_mixquant.graph import read_model, weight_array, weight_values
+from onnx_mixquant.export.qdq import insert_qdq
+from onnx_mixquant.read.model import read_model, weight_array, weight_values
 from onnx_mixquant.rounding import round_nearest
+from onnx_mixquant.validate._fusion import check_fusion
 
 
 def _residual_model(path: Path, seed: int = 0) -> Path:
@@ -193,7 +193,7 @@ def test_gemm_bias_becomes_int32_so_qgemm_fuses(tmp_path: Path) -> None:
 
 
 def test_zero_pads_fold_into_the_conv(tmp_path: Path) -> None:
-    from onnx_mixquant._padfold import fold_pads_into_convs
+    from onnx_mixquant.read.prepare import fold_pads_into_convs
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")

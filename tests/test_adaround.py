@@ -1,4 +1,4 @@
-"""Tests of onnx_mixquant.reconstruct.adaround: the AdaRound training graph and its gradient.
+"""Tests of onnx_mixquant.rounding.reconstruct.adaround: the AdaRound training graph and its gradient.
 
 Gradients are checked against central finite differences of the training graph built in float64
 and run by onnx.reference (onnxruntime has no float64 Conv), then the float32 onnxruntime step
@@ -20,10 +20,10 @@ from onnx.reference import ReferenceEvaluator
 
 from onnx_mixquant.errors import ConfigError
 from onnx_mixquant.numerics import QParams, choose_qparams, dequantize, quantize
-from onnx_mixquant.reconstruct import adaround
-from onnx_mixquant.reconstruct._dwconv import grouped_conv_rule
-from onnx_mixquant.reconstruct._rankalign import BROADCASTING
-from onnx_mixquant.reconstruct.adaround import (
+from onnx_mixquant.rounding.reconstruct import adaround
+from onnx_mixquant.rounding.reconstruct._dwconv import grouped_conv_rule
+from onnx_mixquant.rounding.reconstruct._rankalign import BROADCASTING
+from onnx_mixquant.rounding.reconstruct.adaround import (
     UnitProgram,
     UnitWeight,
     differentiable,
@@ -31,7 +31,7 @@ from onnx_mixquant.reconstruct.adaround import (
     init_v,
     rectified_sigmoid,
 )
-from onnx_mixquant.reconstruct.blocks import Unit
+from onnx_mixquant.rounding.reconstruct.blocks import Unit
 
 CPU = "CPUExecutionProvider"
 N = 2  # batch
@@ -414,7 +414,7 @@ def test_optimisation_levels_agree() -> None:
 def test_clip_rule_masks_with_one_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
     """With CLIP_MASK, every Clip's adjoint is g * Cast(x == Clip(x)): no Where, Not, Less, Greater
     or And left in the gradient model, and the gradients equal those of onnx-ad's rule."""
-    from onnx_mixquant.reconstruct import _dwconv
+    from onnx_mixquant.rounding.reconstruct import _dwconv
 
     rng = np.random.default_rng(12)
     model, unit, weights = _depthwise(rng, 2)
@@ -457,7 +457,7 @@ def test_gradient_model_has_one_static_seed_and_no_size_one_transposes(
 ) -> None:
     """The step's gradient model takes adj_loss of shape [1], so shapes are static and the
     Transposes that only move axes of size 1 (the depthwise unit has some) became Reshapes."""
-    from onnx_mixquant.reconstruct import _dwconv
+    from onnx_mixquant.rounding.reconstruct import _dwconv
 
     model, unit, weights = _depthwise(np.random.default_rng(13), 2)
     program = UnitProgram(model, unit, weights, (N, 4, 7, 7), provider=CPU)
@@ -525,7 +525,7 @@ def _conv_gradient(
     conv: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], r: np.ndarray
 ) -> onnx.ModelProto:
     """_dwconv.reverse of ``loss = sum(r * conv(x, w))`` with respect to ``w``."""
-    from onnx_mixquant.reconstruct._dwconv import reverse
+    from onnx_mixquant.rounding.reconstruct._dwconv import reverse
 
     nodes = [
         conv,
@@ -574,7 +574,7 @@ def test_conv_weight_rules_with_two_seeds(
 ) -> None:
     """The rules of _dwconv match the definition, per seed (adj_loss = [1, -2]); each case runs the
     rule its comment names (dil = 0: dilation 1 with IM2COL_BYTES = 0)."""
-    from onnx_mixquant.reconstruct import _dwconv
+    from onnx_mixquant.rounding.reconstruct import _dwconv
 
     if dil == 0:
         monkeypatch.setattr(_dwconv, "IM2COL_BYTES", 0)

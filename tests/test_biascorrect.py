@@ -27,12 +27,12 @@ from onnx_mixquant import (
     SearchConfig,
     SearchRule,
     ValidateConfig,
-    _segments,
     quantize,
 )
-from onnx_mixquant.biascorrect import plan_correction
 from onnx_mixquant.cli import main
-from onnx_mixquant.graph import find_weight_sites
+from onnx_mixquant.read.model import find_weight_sites
+from onnx_mixquant.rounding import _segments
+from onnx_mixquant.rounding.biascorrect import plan_correction
 
 LAYERS = ("c1", "c2", "y")
 

@@ -14,8 +14,9 @@ from conftest import make_if_model, make_mixed_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_mixquant.errors import ConfigError
-from onnx_mixquant.graph import find_weight_sites, node_names, read_model
-from onnx_mixquant.reconstruct.blocks import Unit, partition
+from onnx_mixquant.read.model import find_weight_sites, read_model
+from onnx_mixquant.rounding.reconstruct.blocks import Unit, partition
+from onnx_mixquant.toolkit import node_names
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "models"
 needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/bench is absent")

@@ -22,8 +22,7 @@ from onnx_mixquant.config import (
     Symmetry,
     ValidateConfig,
 )
-from onnx_mixquant.export import insert_qdq, pack_weights, required_opset, stage_model
-from onnx_mixquant.graph import read_model, weight_array, weight_values
+from onnx_mixquant.export.qdq import insert_qdq, pack_weights, required_opset, stage_model
 from onnx_mixquant.numerics import (
     choose_qparams,
     dequantize,
@@ -33,8 +32,9 @@ from onnx_mixquant.numerics import (
     roundoff_errors,
 )
 from onnx_mixquant.pipeline import quantize as quantize_model
+from onnx_mixquant.read.model import read_model, weight_array, weight_values
 from onnx_mixquant.rounding import block_axes, round_nearest
-from onnx_mixquant.search import build_error_table, search_bitwidths
+from onnx_mixquant.search.budget import build_error_table, search_bitwidths
 
 #: (shape, blocked axis, block size): full blocks, a partial last block, K < block, Gemm [N, K].
 LAYOUTS = [((64, 6), 0, 32), ((100, 8), 0, 32), ((7, 3), 0, 32), ((5, 70), 1, 32), ((9, 4), 0, 4)]

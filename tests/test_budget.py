@@ -7,8 +7,8 @@ import pytest
 
 from onnx_mixquant.config import IterSplit, QuantizerConfig
 from onnx_mixquant.numerics import QParams
-from onnx_mixquant.reconstruct._budget import MAX_SHARE, MIN_SHARE, relative_error, split_iterations
 from onnx_mixquant.rounding import QuantizedWeight, round_nearest
+from onnx_mixquant.rounding.reconstruct._budget import MAX_SHARE, MIN_SHARE, relative_error, split_iterations
 
 
 def test_even_split_gives_every_unit_the_same() -> None:

@@ -19,9 +19,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mixquant import _calibplan, _histogram, calibrate
-from onnx_mixquant._histogram import StreamingHistogram, fake_quant_scores, grid_exponent, mse_range
-from onnx_mixquant.calibrate import CalibrationResult, TensorRange, collect_ranges
+from onnx_mixquant.calibrate import _calibplan, _histogram
+from onnx_mixquant.calibrate import ranges as calibrate
+from onnx_mixquant.calibrate._histogram import StreamingHistogram, fake_quant_scores, grid_exponent, mse_range
+from onnx_mixquant.calibrate.ranges import CalibrationResult, TensorRange, collect_ranges
 from onnx_mixquant.config import ActivationConfig, CalibMethod
 from onnx_mixquant.errors import CalibrationError
 
@@ -274,7 +275,7 @@ def test_nan_values(proto: onnx.ModelProto, caplog: pytest.LogCaptureFixture) ->
         collect_ranges(model, ["x"], iter([nan]), ActivationConfig())
     part = random_feeds(1, 2)[0]["x"]
     part[0, 0, 0, 0] = np.inf
-    with caplog.at_level(logging.WARNING, logger="onnx_mixquant.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="onnx_mixquant.calibrate.ranges"):
         r = collect_ranges(model, ["x"], iter([{"x": part}]), ActivationConfig()).ranges["x"]
     assert "NaN/Inf" in caplog.text
     finite = part[np.isfinite(part)]
@@ -423,7 +424,7 @@ def test_sizes_measured_when_shapes_are_unknown(monkeypatch: pytest.MonkeyPatch)
 def test_fixed_batch_is_the_smallest_run(caplog: pytest.LogCaptureFixture) -> None:
     model, x, cfg = text_model(2), text_samples(8), ActivationConfig(method=CalibMethod.MSE)
     ref = collect_ranges(text_model(), TEXT_NAMES, batched(x, 8), cfg)
-    with caplog.at_level(logging.WARNING, logger="onnx_mixquant._calibplan"):
+    with caplog.at_level(logging.WARNING, logger="onnx_mixquant.calibrate._calibplan"):
         got = collect_ranges(model, TEXT_NAMES, batched(x, 2), cfg, memory_budget=1)
     assert got.run_samples == 2 and got.ranges == ref.ranges
     assert "above the calibration memory budget" in caplog.text

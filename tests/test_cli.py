@@ -174,7 +174,7 @@ def test_output_paths(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.Mon
     # root can write anywhere, so make the permission check see a read-only folder
     real_access = os.access
     monkeypatch.setattr(
-        "onnx_mixquant.export.os.access",
+        "onnx_mixquant.export.qdq.os.access",
         lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode),
     )
     _expect_error(runner, [str(DEMO_MODEL), str(tmp_path / "o.onnx")], 1, "not writable")
@@ -403,7 +403,7 @@ def test_device_cuda_without_cuda_is_a_usage_error(
 ) -> None:
     """--device cuda where onnxruntime cannot run CUDA: exit 2, a message saying what is missing and
     what to use instead, no output; --device auto falls back to the CPU and records its choice."""
-    from onnx_mixquant import _ortsession
+    from onnx_mixquant import session as _ortsession
 
     monkeypatch.setattr(_ortsession, "_cuda_works", lambda: False)
     out = tmp_path / "q.onnx"

@@ -1,4 +1,4 @@
-"""Tests for onnx_mixquant.data: load_samples and open_calibration (every source kind, sampling,
+"""Tests for onnx_mixquant.data.sources: load_samples and open_calibration (every source kind, sampling,
 batching, spooling, memory), and every error naming its file, item and input."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-from onnx_mixquant import preprocess
 from onnx_mixquant.config import ImageSpec
-from onnx_mixquant.data import load_samples, open_calibration
+from onnx_mixquant.data import preprocess
+from onnx_mixquant.data.sources import load_samples, open_calibration
 from onnx_mixquant.errors import CalibrationError, ConfigError
-from onnx_mixquant.graph import ModelInput
+from onnx_mixquant.read.model import ModelInput
 
 X = ModelInput("x", "float32", ("N", 4))
 M = ModelInput("mask", "int64", ("N", "T"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from onnx_mixquant import QuantConfig, quantize
-from onnx_mixquant import _datacheck as D
+from onnx_mixquant.validate import _datacheck as D
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -14,9 +14,9 @@ from onnx import numpy_helper
 
 from onnx_mixquant.config import ExportConfig, QuantizerConfig, Symmetry
 from onnx_mixquant.errors import ExportError
-from onnx_mixquant.export import insert_qdq, stage_model, storage_for
-from onnx_mixquant.graph import read_model, weight_array, weight_values
+from onnx_mixquant.export.qdq import insert_qdq, stage_model, storage_for
 from onnx_mixquant.numerics import dequantize
+from onnx_mixquant.read.model import read_model, weight_array, weight_values
 from onnx_mixquant.rounding import round_nearest
 
 #: These tests pin the unpacked storage (INT4 for widths 2-4, INT8 for 5-8); test_packing.py

@@ -1,4 +1,4 @@
-"""Tests of onnx_mixquant.reconstruct.fisher: BRECQ's Fisher weights from the KL gradient.
+"""Tests of onnx_mixquant.rounding.reconstruct.fisher: BRECQ's Fisher weights from the KL gradient.
 
 The float64 program (run by onnx.reference) is checked against central finite differences of the
 KL loss of a "tail" model written by hand (the model's nodes but the one making the tensor, the
@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_mixquant.errors import UnsupportedModelError
-from onnx_mixquant.reconstruct.fisher import FisherProgram, fisher_weight, softmax
+from onnx_mixquant.rounding.reconstruct.fisher import FisherProgram, fisher_weight, softmax
 
 CPU = "CPUExecutionProvider"
 N = 2  # batch

@@ -1,4 +1,4 @@
-"""Tests of onnx_mixquant.graph: loading, shape inference and the weight-site scan."""
+"""Tests of onnx_mixquant.read.model: loading, shape inference and the weight-site scan."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ import onnx_ir as ir
 import pytest
 
 from onnx_mixquant.errors import ModelLoadError, UnsupportedModelError
-from onnx_mixquant.graph import (
+from onnx_mixquant.read.model import (
     MIN_OPSET,
     ModelInput,
     SkippedWeight,
     WeightSite,
-    default_opset,
     find_weight_sites,
     first_reader,
     load_model,
-    node_names,
     read_model,
     weight_array,
     weight_values,
 )
+from onnx_mixquant.toolkit import default_opset, node_names
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "models"
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>'

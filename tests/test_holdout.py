@@ -14,8 +14,6 @@ import pytest
 from click.testing import CliRunner
 from conftest import DEMO_CALIB, DEMO_MODEL, DEMO_SAMPLES
 
-from onnx_mixquant import data, preprocess
-from onnx_mixquant._assemble import gate_failures
 from onnx_mixquant.cli import main
 from onnx_mixquant.config import (
     ImageSpec,
@@ -25,12 +23,15 @@ from onnx_mixquant.config import (
     SearchConfig,
     ValidateConfig,
 )
-from onnx_mixquant.data import load_samples, open_calibration
+from onnx_mixquant.data import preprocess
+from onnx_mixquant.data import sources as data
+from onnx_mixquant.data.sources import load_samples, open_calibration
 from onnx_mixquant.errors import CalibrationError, ConfigError
-from onnx_mixquant.graph import ModelInput
 from onnx_mixquant.pipeline import quantize
-from onnx_mixquant.report import to_json
-from onnx_mixquant.validate import OutputMetrics, RunMetrics, ValidationResult
+from onnx_mixquant.read.model import ModelInput
+from onnx_mixquant.report._assemble import gate_failures
+from onnx_mixquant.report.document import to_json
+from onnx_mixquant.validate.compare import OutputMetrics, RunMetrics, ValidationResult
 
 X = ModelInput("x", "float32", ("N", 4))
 IMG = ModelInput("img", "float32", ("N", 3, 2, 2))

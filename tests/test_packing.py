@@ -15,14 +15,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import DEMO_MODEL, DEMO_SAMPLES, dq_integers, make_mixed_model
 
-from onnx_mixquant._packing import pack_bits, packed_bytes, unpack_bits, unpack_subgraph
 from onnx_mixquant.cli import main
 from onnx_mixquant.config import ExportConfig, Granularity, QuantizerConfig, Symmetry
-from onnx_mixquant.export import insert_qdq, pack_weights
-from onnx_mixquant.graph import read_model, weight_array, weight_values
+from onnx_mixquant.export._packing import pack_bits, packed_bytes, unpack_bits, unpack_subgraph
+from onnx_mixquant.export.qdq import insert_qdq, pack_weights
 from onnx_mixquant.numerics import dequantize
+from onnx_mixquant.read.model import read_model, weight_array, weight_values
 from onnx_mixquant.rounding import round_nearest
-from onnx_mixquant.search import container_bits, stored_bytes
+from onnx_mixquant.search.budget import container_bits, stored_bytes
 
 LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL")
 

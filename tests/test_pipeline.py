@@ -22,7 +22,7 @@ from onnx_mixquant import (
     WeightOverride,
     quantize,
 )
-from onnx_mixquant.report import Report
+from onnx_mixquant.report.document import Report
 
 
 def _cfg(**search: object) -> QuantConfig:
@@ -181,7 +181,9 @@ def test_activations_need_calibration_data(tmp_path: Path) -> None:
 def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """quantize() runs its output-affecting sessions under QuantConfig.device: with the default
     (CPU) calibration asks for the CPU alone even where CUDA works; with AUTO it asks for CUDA first."""
-    from onnx_mixquant import Device, _ortsession, calibrate
+    from onnx_mixquant import Device
+    from onnx_mixquant import session as _ortsession
+    from onnx_mixquant.calibrate import ranges as calibrate
 
     monkeypatch.setattr(_ortsession, "_cuda_works", lambda: True)  # as on a GPU machine
     asked: list[tuple[str, ...]] = []
@@ -209,7 +211,9 @@ def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pyt
 def test_bias_runs_cut_large_batches_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bias correction cuts batches whose inputs exceed BIAS_INPUT_BYTES into runs of the same
     samples in the same order; small batches pass through as they are."""
-    from onnx_mixquant import data, graph, pipeline
+    from onnx_mixquant import pipeline
+    from onnx_mixquant.data import sources as data
+    from onnx_mixquant.read import model as graph
 
     read = graph.read_model(DEMO_MODEL)
     calib = data.open_calibration(DEMO_CALIB, read.inputs, batch_size=16)

@@ -1,4 +1,4 @@
-"""Tests of onnx_mixquant.preprocess: the ONNX preprocessing graph, its session and the file checks.
+"""Tests of onnx_mixquant.data.preprocess: the ONNX preprocessing graph, its session and the file checks.
 
 Images are made here (PNG and BMP with NumPy + zlib; one small JPEG embedded below). Pillow is
 optional: the tests that compare with it, or need it to write JPEG variants, skip without it. The
@@ -23,13 +23,13 @@ import onnxruntime_extensions
 import pytest
 
 from onnx_mixquant.config import ImageLayout, ImageSpec
-from onnx_mixquant.errors import CalibrationError
-from onnx_mixquant.preprocess import (
+from onnx_mixquant.data.preprocess import (
     EXT_DOMAIN,
     ImagePreprocessor,
     build_preprocess_model,
     save_preprocess_model,
 )
+from onnx_mixquant.errors import CalibrationError
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason="benchmark images (../shared/bench) absent")
@@ -313,7 +313,7 @@ def test_corrupt_jpegs_raise_instead_of_ending_the_process(tmp_path):
         import sys
         from onnx_mixquant.config import ImageSpec
         from onnx_mixquant.errors import CalibrationError
-        from onnx_mixquant.preprocess import ImagePreprocessor
+        from onnx_mixquant.data.preprocess import ImagePreprocessor
         run = ImagePreprocessor(ImageSpec())
         for path in sys.argv[1:]:
             try:

@@ -1,4 +1,4 @@
-"""Rank alignment of broadcasting operands (reconstruct/_rankalign.py): same values, full ranks."""
+"""Rank alignment of broadcasting operands (rounding/reconstruct/_rankalign.py): same values, full ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_mixquant.reconstruct._rankalign import BROADCASTING, align_ranks, transposes_as_reshapes
+from onnx_mixquant.rounding.reconstruct._rankalign import BROADCASTING, align_ranks, transposes_as_reshapes
 
 
 def _model(opset: int) -> onnx.ModelProto:

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_mixquant.config import ReconConfig
 from onnx_mixquant.errors import ConfigError
 
-train = pytest.importorskip("onnx_mixquant.reconstruct.train")
-_common = pytest.importorskip("onnx_mixquant.reconstruct._common")
+train = pytest.importorskip("onnx_mixquant.rounding.reconstruct.train")
+_common = pytest.importorskip("onnx_mixquant.rounding.reconstruct._common")
 
 
 def test_schedule_warmup_then_linear_beta() -> None:

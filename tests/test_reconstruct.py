@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from onnx_mixquant import ActivationConfig, ConfigError, QuantConfig, SearchConfig, ValidateConfig, quantize
 from onnx_mixquant.config import IterSplit, QuantizerConfig, ReconConfig, RoundingMethod
-from onnx_mixquant.report import format_text, to_json
+from onnx_mixquant.report.document import format_text, to_json
 
 pytest.importorskip("onnx_ad")
 

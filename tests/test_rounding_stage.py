@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 from onnx_mixquant import QuantConfig, ValidateConfig, quantize
 from onnx_mixquant import rounding as R
-from onnx_mixquant.calibrate import activation_stream
+from onnx_mixquant.calibrate.ranges import activation_stream
 from onnx_mixquant.config import ActivationConfig, RoundingMethod
-from onnx_mixquant.graph import read_model
+from onnx_mixquant.read.model import read_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

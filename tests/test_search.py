@@ -17,7 +17,7 @@ from onnx_mixquant.config import (
 )
 from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import choose_qparams, roundoff_error
-from onnx_mixquant.search import (
+from onnx_mixquant.search.budget import (
     ErrorTable,
     _allocate,
     build_error_table,

@@ -10,10 +10,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnx_mixquant import sensitivity as S
 from onnx_mixquant.config import QuantizerConfig, SearchConfig
 from onnx_mixquant.numerics import choose_qparams, fake_quantize
-from onnx_mixquant.search import build_error_table, search_bitwidths
+from onnx_mixquant.search import sensitivity as S
+from onnx_mixquant.search.budget import build_error_table, search_bitwidths
 
 # x -> MatMul(w1) -> Relu -> MatMul(w2) + b -> logits; w3 is a Constant node feeding a side output.
 MLP = """

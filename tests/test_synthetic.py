@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnx_mixquant import synthetic as S
+from onnx_mixquant.data import synthetic as S
 from onnx_mixquant.errors import ConfigError
-from onnx_mixquant.graph import ModelInput
+from onnx_mixquant.read.model import ModelInput
 
 ENCODER = """
 <ir_version: 8, opset_import: ["" : 17]>

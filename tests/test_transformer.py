@@ -32,11 +32,11 @@ from onnx.reference.ops._op import OpRunUnaryNum
 
 from onnx_mixquant import QuantConfig, SearchConfig, ValidateConfig, quantize
 from onnx_mixquant.config import ReconConfig, RoundingMethod
-from onnx_mixquant.graph import find_weight_sites
 from onnx_mixquant.numerics import choose_qparams
-from onnx_mixquant.reconstruct import adaround
-from onnx_mixquant.reconstruct.adaround import UnitWeight, differentiable
-from onnx_mixquant.reconstruct.blocks import Unit, partition
+from onnx_mixquant.read.model import find_weight_sites
+from onnx_mixquant.rounding.reconstruct import adaround
+from onnx_mixquant.rounding.reconstruct.adaround import UnitWeight, differentiable
+from onnx_mixquant.rounding.reconstruct.blocks import Unit, partition
 
 T, D, H, F, C = 6, 8, 2, 16, 3  # tokens, width, heads, MLP width, classes
 N = 2  # batch of the finite-difference tests

@@ -22,7 +22,6 @@ from onnx_mixquant import (
     ValidateConfig,
     quantize,
 )
-from onnx_mixquant.biascorrect import plan_correction
 from onnx_mixquant.config import (
     ActivationConfig,
     QuantizerConfig,
@@ -31,13 +30,14 @@ from onnx_mixquant.config import (
     RoundingMethod,
     Symmetry,
 )
-from onnx_mixquant.graph import find_weight_sites, weight_array, weight_values
 from onnx_mixquant.numerics import dequantize
-from onnx_mixquant.report import format_text
+from onnx_mixquant.read.model import find_weight_sites, weight_array, weight_values
+from onnx_mixquant.report.document import format_text
 from onnx_mixquant.rounding import round_nearest
+from onnx_mixquant.rounding.biascorrect import plan_correction
 
-train = pytest.importorskip("onnx_mixquant.reconstruct.train")
-_unitbias = pytest.importorskip("onnx_mixquant.reconstruct._unitbias")
+train = pytest.importorskip("onnx_mixquant.rounding.reconstruct.train")
+_unitbias = pytest.importorskip("onnx_mixquant.rounding.reconstruct._unitbias")
 
 RECON = ReconConfig(method=RoundingMethod.BRECQ, iters=20, samples=64, batch=16)
 

@@ -1,4 +1,4 @@
-"""Tests for onnx_mixquant.validate: metrics against NumPy, providers, dims and random samples."""
+"""Tests for onnx_mixquant.validate.compare: metrics against NumPy, providers, dims and random samples."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnx_mixquant import validate as V
 from onnx_mixquant.config import ValidateConfig
 from onnx_mixquant.errors import CalibrationError, ConfigError, ExportError
+from onnx_mixquant.validate import compare as V
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -174,7 +174,7 @@ def test_cuda_probe_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
 def test_cuda_probe_retries_after_preloading(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed probe loads CUDA/cuDNN from pip's nvidia wheels (preload_dlls) and probes once more;
     a probe that works first time preloads nothing."""
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
 
     monkeypatch.setattr(S.ort, "get_available_providers", lambda: [CUDA, CPU])
     preloads: list[int] = []
@@ -198,7 +198,7 @@ def test_preload_prints_go_to_the_debug_log(
     reach the user's terminal (they are expected on CPU-only machines)."""
     import warnings
 
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
 
     def noisy() -> None:
         print("Failed to load libcudart.so.13: cannot open shared object file")
@@ -218,7 +218,7 @@ def test_cuda_probe_runs_a_conv() -> None:
     import onnx
     import onnxruntime as ort
 
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
 
     model = onnx.load_from_string(S._probe_model_bytes())
     onnx.checker.check_model(model, full_check=True)
@@ -234,7 +234,7 @@ def test_cuda_probe_keeps_onnxruntime_fallback_banner_off_stdout(
     """With the CUDA provider loadable but no device (CUDA_VISIBLE_DEVICES=), onnxruntime's Python
     API prints an "EP Error ... Falling back" banner and opens the session on the CPU (seen on a
     GPU machine); the probe answers False and the banner goes to the debug log only."""
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
 
     real = S.ort.InferenceSession
 
@@ -257,7 +257,7 @@ def test_cuda_options_set_up_cuda_only() -> None:
     cuDNN algorithm choice; CPU-only lists and their options stay as they are."""
     import onnxruntime as ort
 
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
 
     so = ort.SessionOptions()
     assert S.with_cuda_options([CPU], so) == [CPU] and so.use_deterministic_compute is False
@@ -274,8 +274,8 @@ def test_output_affecting_sessions_take_the_cuda_options(monkeypatch: pytest.Mon
     import onnx
     import onnxruntime as ort
 
-    from onnx_mixquant import calibrate
-    from onnx_mixquant.reconstruct import _common, adaround
+    from onnx_mixquant.calibrate import ranges as calibrate
+    from onnx_mixquant.rounding.reconstruct import _common, adaround
 
     seen: list[tuple[object, bool]] = []
 
@@ -295,7 +295,7 @@ def test_output_affecting_sessions_take_the_cuda_options(monkeypatch: pytest.Mon
 def test_compute_providers_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU (the default, also outside any compute_on) keeps every output-affecting stage on the CPU
     even where CUDA works; auto takes CUDA where it works; cuda without CUDA is a ConfigError."""
-    from onnx_mixquant import _ortsession as S
+    from onnx_mixquant import session as S
     from onnx_mixquant.config import Device
 
     for works in (True, False):

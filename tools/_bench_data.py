@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import onnx_mixquant  # noqa: E402
 from onnx_mixquant import ImageSpec  # noqa: E402
-from onnx_mixquant.preprocess import IMAGE_SUFFIXES  # noqa: E402
+from onnx_mixquant.data.preprocess import IMAGE_SUFFIXES  # noqa: E402
 
 if Path(onnx_mixquant.__file__).resolve().parent.parent != REPO_ROOT:
     raise SystemExit(f"benchmark tools: onnx_mixquant came from {onnx_mixquant.__file__}, not {REPO_ROOT}")

@@ -166,7 +166,7 @@ def render(doc: dict[str, Any]) -> str:
         )
     if doc["determinism"]:
         lines += ["", "Run to run on CUDA (`cuda_check.sh` DETERMINISM stage: the `cpu-fast` command twice "
-                  "per setting, `--no-validate`; *CUDA options*: `_ortsession.USE_CUDA_OPTIONS`, "
+                  "per setting, `--no-validate`; *CUDA options*: `session.USE_CUDA_OPTIONS`, "
                   "deterministic compute and heuristic cuDNN algorithm choice):", ""]  # fmt: skip
         for mode, runs in doc["determinism"].items():
             shas = ", ".join(r["sha256"] for r in runs)

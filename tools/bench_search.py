@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_data as bd  # noqa: E402
 
 from onnx_mixquant.config import DEFAULT_BITS, QuantizerConfig, SearchConfig  # noqa: E402
-from onnx_mixquant.search import build_error_table, search_bitwidths  # noqa: E402
+from onnx_mixquant.search.budget import build_error_table, search_bitwidths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -70,9 +70,9 @@ from onnx_mixquant import (
     ValidateConfig,
     quantize,
 )
-from onnx_mixquant._fusion import check_fusion
-from onnx_mixquant.graph import node_names
-from onnx_mixquant.preprocess import ImagePreprocessor
+from onnx_mixquant.data.preprocess import ImagePreprocessor
+from onnx_mixquant.toolkit import node_names
+from onnx_mixquant.validate._fusion import check_fusion
 
 #: Latency ratios this close (relative) are reported as "within" (run-to-run spread of the medians).
 LATENCY_TOLERANCE = 0.03
@@ -770,7 +770,7 @@ NOTES = (
     "session alive at a time), {warmup} warm-up then {per_round} timed runs; onnxruntime's default "
     "thread spinning. "
     "*integer kernels*: Conv/Gemm/MatMul nodes of the output model that onnxruntime CPU "
-    "(ORT_ENABLE_ALL) turned into QLinearConv / QGemm / ... (onnx_mixquant._fusion.check_fusion)."
+    "(ORT_ENABLE_ALL) turned into QLinearConv / QGemm / ... (onnx_mixquant.validate._fusion.check_fusion)."
 )
 
 

@@ -5,7 +5,7 @@ Dev-only script. For each model it builds the AdaRound training step (ONNX forwa
 gradient graph, as ``--method brecq`` does) of reconstruction units with 4-bit nearest-rounded
 weights, feeds each the unit's real input for a batch of random model inputs, and times ``--steps``
 steps after ``--warmup``. The variants of a unit (providers; with each ``--without`` also the CPU
-step built without the named rewrites of ``reconstruct/_dwconv.py``, see :data:`REWRITES`) take
+step built without the named rewrites of ``rounding/reconstruct/_dwconv.py``, see :data:`REWRITES`) take
 turns step by step, so a load change on the machine hits them alike. Speed-ups are against the
 first ``--without`` variant.
 The BENCHMARKS.md section between the ``bench:unit`` markers is rewritten from the rows of this
@@ -36,24 +36,25 @@ from typing import Any
 import _bench_data as bd
 import numpy as np
 
-from onnx_mixquant.graph import read_model, weight_array, weight_values
 from onnx_mixquant.numerics import choose_qparams
-from onnx_mixquant.reconstruct import _dwconv
-from onnx_mixquant.reconstruct._common import Cache, run_tensor
-from onnx_mixquant.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, init_v
-from onnx_mixquant.reconstruct.blocks import partition
-from onnx_mixquant.reconstruct.train import _without_zero_pads
-from onnx_mixquant.validate import available_providers
+from onnx_mixquant.read.model import read_model, weight_array, weight_values
+from onnx_mixquant.rounding.reconstruct import _dwconv
+from onnx_mixquant.rounding.reconstruct._common import Cache, run_tensor
+from onnx_mixquant.rounding.reconstruct.adaround import UnitProgram, UnitWeight, differentiable, init_v
+from onnx_mixquant.rounding.reconstruct.blocks import partition
+from onnx_mixquant.rounding.reconstruct.train import _without_zero_pads
+from onnx_mixquant.validate.compare import available_providers
 
 REPO_ROOT = bd.REPO_ROOT
 SECTION = "unit"
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-#: Gradient-graph rewrites of reconstruct/_dwconv.py that --without can leave out, and what each
+#: Gradient-graph rewrites of rounding/reconstruct/_dwconv.py that --without can leave out, and what each
 #: does (the table's legend).
 REWRITES = {
     "im2col": "the weight adjoint of a group-1 Conv other than 1x1 as im2col + matrix products; "
     "without it, onnx-ad 0.3.0's own rule, a convolution with an image-sized kernel",
-    "rank-align": "lower-rank operands of broadcasting ops given full rank, `reconstruct/_rankalign.py`",
+    "rank-align": "lower-rank operands of broadcasting ops given full rank, "
+    "`rounding/reconstruct/_rankalign.py`",
     "clip-mask": "Clip's (ReLU6's) input adjoint as `g * Cast(x == Clip(x))`; without it, onnx-ad's "
     "two comparisons, two Nots, an And and a Where",
     "dw-direct": "a depthwise Conv's weight adjoint as one Conv with a group per (sample, channel); "
@@ -178,7 +179,7 @@ def render(rows: list[dict[str, Any]], command: str, facts: dict[str, Any], sect
         f"Produced by `{command}` on {facts['date']}. Machine: {facts['machine']}. Median of the timed "
         "steps (forward + onnx-ad gradient of the AdaRound loss, 4-bit weights, onnxruntime's default "
         "threads); the variants of a unit took turns step by step. *gradient graph*: `default`, as "
-        "`--method brecq` builds it, or without the named rewrites of `reconstruct/_dwconv.py`: "
+        "`--method brecq` builds it, or without the named rewrites of `rounding/reconstruct/_dwconv.py`: "
         + ", ".join(f"`{name}` ({what})" for name, what in REWRITES.items())
         + f". *speed-up*: {against} over this row's.",
         "",

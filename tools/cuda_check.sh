@@ -6,12 +6,12 @@
 # once on CUDA and once with CUDA hidden (CUDA_VISIBLE_DEVICES=). Everything lands in $OUT; then
 # here: python tools/bench_cuda.py --runs <the fetched folder>.
 #   SHA=<sha256 from cuda_bundle.sh> BENCH_COMMIT=<commit> bash tools/cuda_check.sh
-# Stages (environment): PROBE=1 also checks the CUDA probe of onnx_mixquant/_ortsession.py with the
+# Stages (environment): PROBE=1 also checks the CUDA probe of onnx_mixquant/session.py with the
 # CUDA libraries hidden from the loader (ld.so --inhibit-cache: only pip's nvidia wheels, through
 # onnxruntime.preload_dlls, can provide them) and with the GPU hidden (its stdout must stay empty);
 # UNIT=0 skips bench_unit; E2E_PRESET (cpu-fast) and E2E_PROVIDERS ("cuda cpu") choose the CLI runs,
 # whose files are r20_<provider>.* (r20_<provider>_<preset>.* for another preset); DETERMINISM=1
-# first runs the cpu-fast CLI on CUDA twice with _ortsession.USE_CUDA_OPTIONS (the default)
+# first runs the cpu-fast CLI on CUDA twice with session.USE_CUDA_OPTIONS (the default)
 # and twice with onnxruntime's CUDA defaults, printing each output's sha256 and BRECQ seconds.
 set -u
 export PYTHONUNBUFFERED=1
@@ -51,7 +51,7 @@ check() {
 import logging, onnxruntime as o
 logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 print("ORT", o.__version__, o.__file__, o.get_available_providers())
-from onnx_mixquant._ortsession import available_providers
+from onnx_mixquant.session import available_providers
 print("PROVIDERS", available_providers(True))
 PYEOF
 }
@@ -69,11 +69,11 @@ if [ -n "${PROBE:-}" ]; then
   PYTHONPATH=$PYTHONPATH:$SP LD_LIBRARY_PATH=$LIBCUDA /lib64/ld-linux-x86-64.so.2 --inhibit-cache "$(readlink -f "$(command -v "$PY")")" - <<'PYEOF'
 import logging
 logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
-from onnx_mixquant._ortsession import available_providers
+from onnx_mixquant.session import available_providers
 print("PROBE-HIDDEN-LIBS", available_providers(True))
 PYEOF
   echo "PROBE hidden GPU: stdout must be one line"
-  CUDA_VISIBLE_DEVICES= "$PY" -c "from onnx_mixquant._ortsession import available_providers as a; print('PROBE-NO-GPU', a(True))" > "$X/nogpu.txt" 2> "$X/nogpu.err"
+  CUDA_VISIBLE_DEVICES= "$PY" -c "from onnx_mixquant.session import available_providers as a; print('PROBE-NO-GPU', a(True))" > "$X/nogpu.txt" 2> "$X/nogpu.err"
   echo "stdout ($(wc -l < "$X/nogpu.txt") lines):"; cat "$X/nogpu.txt"; echo "stderr ($(wc -c < "$X/nogpu.err") bytes)"; head -5 "$X/nogpu.err"
 fi
 if [ -n "${DETERMINISM:-}" ]; then
@@ -81,7 +81,7 @@ if [ -n "${DETERMINISM:-}" ]; then
     for i in 1 2; do
       stamp "determinism USE_CUDA_OPTIONS=$mode run $i"
       o=/tmp/det_${mode}_$i
-      "$PY" -c "import sys; import onnx_mixquant._ortsession as s; s.USE_CUDA_OPTIONS = $mode
+      "$PY" -c "import sys; import onnx_mixquant.session as s; s.USE_CUDA_OPTIONS = $mode
 from onnx_mixquant.cli import main; sys.argv[0] = 'onnx-mixquant'; main()" "$X/b/bench/models/resnet20_cifar10.onnx" "$o.onnx" \
         --calib "$X/b/bench/data/cifar10/calib" --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --target-bits 4 \
         --method brecq --recon-preset cpu-fast -q --no-validate --device cuda --report "$o.json" > /dev/null 2>&1

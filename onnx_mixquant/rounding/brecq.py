@@ -1,12 +1,12 @@
 """BRECQ as a rounding method: nearest rounding first, then every unit's rounding learned on the
-calibration data (:mod:`onnx_mixquant.reconstruct`), with the per-unit extras the data carry: the
+calibration data (:mod:`onnx_mixquant.rounding.reconstruct`), with the per-unit extras the data carry: the
 biases corrected as soon as a unit's rounding is fixed, and the activation steps learned after."""
 
 from __future__ import annotations
 
 from onnx_mixquant.errors import ConfigError
-from onnx_mixquant.reconstruct.train import reconstruct
 from onnx_mixquant.report import ReconReport
+from onnx_mixquant.rounding.reconstruct.train import reconstruct
 from onnx_mixquant.rounding.stage import RoundingJob, RoundingResult, nearest
 
 __all__ = ["brecq"]

@@ -16,7 +16,7 @@ from onnx_mixquant.config import Granularity, QuantizerConfig
 from onnx_mixquant.numerics import QParams, choose_qparams, quantize
 
 if TYPE_CHECKING:
-    from onnx_mixquant.graph import WeightSite
+    from onnx_mixquant.read import WeightSite
 
 __all__ = ["QuantizedWeight", "block_axes", "grid_of", "round_nearest"]
 

@@ -34,9 +34,9 @@ from onnx_mixquant.rounding.nearest import QuantizedWeight, round_nearest
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-    from onnx_mixquant.biascorrect import BiasTarget
-    from onnx_mixquant.graph import WeightSite
+    from onnx_mixquant.read import WeightSite
     from onnx_mixquant.report import ReconReport
+    from onnx_mixquant.rounding.biascorrect import BiasTarget
 
 __all__ = [
     "METHODS",
