@@ -288,3 +288,20 @@ def test_attention_graph_quantizes_weight_inputs_only(tmp_path: Path) -> None:
     report = quantize(src, tmp_path / "q.onnx", forced, calib=calib)
     assert report.activations is not None and report.activations.placement == "attention"
     assert report.activations.method == "minmax"  # the default range method of attention graphs
+
+
+def test_weights_stored_as_constant_nodes_fuse_too(tmp_path: Path) -> None:
+    """Models that store weights as Constant nodes (the DBNet text detector) carry no type on the
+    node's output: the 8-bit check reads the Constant's tensor."""
+    src = _residual_model(tmp_path / "m.onnx")
+    m = onnx.load(src)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+    nodes = [*consts, *m.graph.node]
+    del m.graph.initializer[:]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, src)
+    plan = plan_activations(_weights_quantized(src, 8), ActivationConfig(enabled=True))
+    by = {s.name: s for s in plan.sites}
+    assert "x" in by and by["x"].readers == ("conv1",)
+    assert set(by["r1"].readers) == {"conv2", "add"}

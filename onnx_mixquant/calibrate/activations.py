@@ -192,7 +192,22 @@ def _fusable(node: ir.Node, const: set[int]) -> bool:
     if producer is None or producer.op_type != "DequantizeLinear" or not producer.inputs:
         return False
     q = producer.inputs[0]
-    return q is not None and q.dtype in _EIGHT_BIT and "block_size" not in producer.attributes
+    return q is not None and _stored_dtype(q) in _EIGHT_BIT and "block_size" not in producer.attributes
+
+
+def _stored_dtype(value: ir.Value) -> ir.DataType | None:
+    """The element type of a stored tensor: the value's own, else the tensor of the Constant node
+    that makes it (weights of models that store them as Constant nodes, such as the DBNet text
+    detector, carry no type on the node's output)."""
+    if value.dtype is not None:
+        return value.dtype
+    if value.const_value is not None:
+        return value.const_value.dtype
+    producer = value.producer()
+    attr = (
+        producer.attributes.get("value") if producer is not None and producer.op_type == "Constant" else None
+    )
+    return attr.as_tensor().dtype if attr is not None else None
 
 
 def _feeds_output(value: ir.Value) -> bool:
