@@ -348,10 +348,12 @@ class Device(enum.Enum):
 
 
 class RoundingMethod(enum.Enum):
-    """How weights are rounded onto their grid: nearest, or BRECQ's learned (AdaRound) rounding."""
+    """How weights are rounded onto their grid: nearest, BRECQ's learned (AdaRound) rounding, or
+    GPTQ's layer-wise second-order rounding (``rounding.METHODS`` maps each to its function)."""
 
     NEAREST = "nearest"
     BRECQ = "brecq"
+    GPTQ = "gptq"
 
 
 class ReconGranularity(enum.Enum):

@@ -28,6 +28,7 @@ from onnx_mixquant.errors import UnsupportedModelError
 
 __all__ = [
     "QParams",
+    "broadcast_params",
     "check_finite",
     "choose_qparams",
     "dequantize",
@@ -185,7 +186,7 @@ def quantize(w: np.ndarray, qp: QParams) -> np.ndarray:
         int32 array of ``w``'s shape, inside ``[qp.qmin, qp.qmax]``.
     """
     w = np.asarray(w, dtype=np.float32)
-    s, z = _broadcast_params(qp, w.ndim, w.shape)
+    s, z = broadcast_params(qp, w.ndim, w.shape)
     y = np.clip(np.rint(w / s), (qp.qmin - z).astype(np.float32), (qp.qmax - z).astype(np.float32))
     return np.asarray(y.astype(np.int32) + z)
 
@@ -197,7 +198,7 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     small integer, exact in both int32 and float32, so one float32 product rounds the same way.
     """
     q = np.asarray(q)
-    s, z = _broadcast_params(qp, q.ndim, q.shape)
+    s, z = broadcast_params(qp, q.ndim, q.shape)
     return np.asarray((q.astype(np.int32) - z).astype(np.float32) * s)
 
 
@@ -212,7 +213,7 @@ def roundoff_error(w: np.ndarray, qp: QParams) -> float:
     Differences are float32 (bit-exact fake quantization); squares are summed in float64.
     """
     w = np.asarray(w, dtype=np.float32)
-    s, z = _broadcast_params(qp, w.ndim, w.shape)
+    s, z = broadcast_params(qp, w.ndim, w.shape)
     x = _view3(w, qp.axis, qp.block_size)
     if qp.block_size is not None:
         assert qp.axis is not None
@@ -285,7 +286,7 @@ def _view3(w: np.ndarray, axis: int | None, block_size: int | None = None) -> np
     return w.reshape(int(np.prod(w.shape[:axis])), w.shape[axis], -1)
 
 
-def _broadcast_params(qp: QParams, ndim: int, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+def broadcast_params(qp: QParams, ndim: int, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
     """Scale (float32) and zero point (int32) shaped to broadcast against a rank-``ndim`` array."""
     s = np.asarray(qp.scale, dtype=np.float32)
     z = np.asarray(qp.zero_point, dtype=np.int32)

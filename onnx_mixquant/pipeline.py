@@ -240,6 +240,7 @@ def quantize(
             warnings=(*warnings_for(read, plan, exported, acts), *notes),
             activations=acts,
             reconstruction=recon,
+            rounding_summary=rounded.summary,
             bias_correction=bias,
         )
 

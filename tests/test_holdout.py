@@ -328,7 +328,15 @@ def test_cli_top1_gates_pass_and_fail(tmp_path: Path) -> None:
     )
     assert code == 3 and not out.exists() and "FAILED: top-1 97.78% -> " in output, output
     code, output, out = _cli(
-        tmp_path, "--calib", str(DEMO_SAMPLES), "--uniform-bits", "2", "--min-agreement", "0.99"
+        tmp_path,
+        "--calib",
+        str(DEMO_SAMPLES),
+        "--uniform-bits",
+        "2",
+        "--bias-correction",
+        "off",
+        "--min-agreement",
+        "0.99",
     )
     assert code == 3 and not out.exists() and "< --min-agreement 0.99" in output, output
     assert list(tmp_path.iterdir()) == []

@@ -2,8 +2,9 @@
 
 Takes a model and batches of feeds from the data stage; gives per-tensor ranges from onnxruntime
 runs under a memory budget (:mod:`.ranges`, planned by :mod:`._calibplan`, histograms in
-:mod:`._histogram`) and a per-layer activation stream for BRECQ. :mod:`.activations` places the
-activation Q/DQ (which tensors, onnxruntime's fusion rules) and inserts it with those ranges.
+:mod:`._histogram`) and a per-layer activation stream for the rounding methods (GPTQ).
+:mod:`.activations` places the activation Q/DQ (which tensors, onnxruntime's fusion rules) and
+inserts it with those ranges.
 """
 
 from onnx_mixquant.calibrate.activations import (

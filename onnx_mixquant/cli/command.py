@@ -204,7 +204,9 @@ class _StageBars:
     type=click.Choice([m.value for m in RoundingMethod]),
     default="nearest",
     show_default=True,
-    help="Weight rounding: nearest, or BRECQ block reconstruction (learned AdaRound rounding; needs --calib).",
+    help="Weight rounding: nearest; BRECQ block reconstruction (learned AdaRound rounding; needs --calib); or "
+    "GPTQ (MatMul/Gemm weights rounded row by row with second-order error compensation from each layer's "
+    "calibration inputs, on the same grid; other weights nearest; needs --calib).",
 )
 @click.option(
     "--recon-preset",

@@ -128,6 +128,8 @@ class Report:
     activations: ActivationReport | None = None
     reconstruction: ReconReport | None = None
     bias_correction: BiasReport | None = None
+    #: What the rounding method did, as text lines (GPTQ: its layers and their error).
+    rounding_summary: tuple[str, ...] = ()
     #: What the budget rule minimised: "roundoff", or the output error and how it was measured.
     objective: str = "roundoff"
 
@@ -207,6 +209,7 @@ def format_text(report: Report, *, max_weights: int = 12) -> str:
             )
         if len(quant) > max_weights:
             lines.append(f"... {len(quant) - max_weights} more (lowest SQNR shown; see --report)")
+    lines.extend(report.rounding_summary)
     lines.extend(_recon_lines(report.reconstruction))
     lines.extend(_bias_lines(report.bias_correction))
     lines.extend(_activation_lines(report.activations))

@@ -114,6 +114,8 @@ class RoundingResult:
     act_params: Mapping[str, QParams] | None = None
     report: ReconReport | None = None
     notes: tuple[str, ...] = ()
+    #: Lines the text report shows for the method (what it did and measured).
+    summary: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,17 @@ def _brecq(job: RoundingJob) -> RoundingResult:
     return brecq(job)
 
 
+def _gptq(job: RoundingJob) -> RoundingResult:
+    from onnx_mixquant.rounding.gptq import gptq
+
+    return gptq(job)
+
+
 #: Rounding methods by the option that selects them.
 METHODS: dict[RoundingMethod, RoundingFn] = {
     RoundingMethod.NEAREST: nearest,
     RoundingMethod.BRECQ: _brecq,
+    RoundingMethod.GPTQ: _gptq,
 }
 
 
