@@ -8,9 +8,7 @@ read graph -> roundoff-error table -> bit plan (MixQuant) -> [bias correction: F
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_mixquant import calibrate, data, export, rounding, search, validate
+from onnx_mixquant._steps import Progress, stage_progress, timed
 from onnx_mixquant.calibrate import activations
 from onnx_mixquant.config import (
     ActivationConfig,
@@ -31,7 +30,7 @@ from onnx_mixquant.config import (
     Symmetry,
 )
 from onnx_mixquant.data import synthetic
-from onnx_mixquant.errors import ConfigError, MixQuantError, UnsupportedModelError
+from onnx_mixquant.errors import ConfigError, UnsupportedModelError
 from onnx_mixquant.numerics import QParams
 from onnx_mixquant.read import ReadModel, fold_pads_into_convs, read_model, weight_array, weight_values
 from onnx_mixquant.report import (
@@ -44,8 +43,8 @@ from onnx_mixquant.report import (
     warnings_for,
     weight_reports,
 )
-from onnx_mixquant.rounding import biascorrect
-from onnx_mixquant.search import sensitivity
+from onnx_mixquant.rounding import biascorrect, biasruns
+from onnx_mixquant.search import probe as probing
 from onnx_mixquant.session import compute_on
 from onnx_mixquant.toolkit import node_names
 from onnx_mixquant.validate import check_bias, check_fusion, data_cost_note
@@ -57,24 +56,6 @@ __all__ = ["Progress", "quantize", "resolve_config"]
 VALIDATION_FROM_CALIB = 64
 
 logger = logging.getLogger(__name__)
-
-#: progress(stage, done, total, info=""): called by long stages; the CLI draws it on stderr.
-Progress = Callable[..., None]
-
-
-def _stage_progress(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
-    if progress is None:
-        return None
-    return lambda done, total: progress(stage, done, total)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = round(time.perf_counter() - t0, 4)
 
 
 def quantize(
@@ -121,7 +102,7 @@ def quantize(
         timings: dict[str, float] = {}
         src = Path(input_path)
         export.check_destination(Path(output_path), src)
-        with _timed(timings, "read"):
+        with timed(timings, "read"):
             read = read_model(src)
         attention = activations.has_attention(read.model.graph)
         cfg = resolve_config(asked, has_calib=calib is not None, attention=attention)
@@ -142,15 +123,15 @@ def quantize(
         bias_notes = notes if bias_auto else None
         bias_rows = None
         if calib_data is not None and cfg.bias.mode is not BiasCorrection.OFF:
-            bias_rows = _bias_run_rows(calib_data, read)
-        bias_ref = _bias_reference(read, cfg, calib_data, bias_rows, timings, progress, bias_notes)
-        with _timed(timings, "rounding"):
+            bias_rows = biasruns.bias_run_rows(calib_data, read)
+        bias_ref = biasruns.bias_reference(read, cfg, calib_data, bias_rows, timings, progress, bias_notes)
+        with timed(timings, "rounding"):
             rounded = rounding.round_weights(
                 read.model, to_round, _rounding_data(cfg, calib_data, bias_ref, bias_notes), cfg, progress
             )
         quantized, recon, learned = rounded.weights, rounded.report, rounded.act_params
         notes.extend(rounded.notes)
-        with _timed(timings, "export"):
+        with timed(timings, "export"):
             model, exported = export.insert_qdq(read.model, quantized, cfg.export)
         for name, value in rounded.biases.items():  # corrected by the rounding method (BRECQ's units)
             model.graph.initializers[name].const_value = ir.tensor(value, name=name)
@@ -165,14 +146,14 @@ def quantize(
                 acts = _quantize_activations(model, calib_data, cfg, timings, progress, learned)
             if bias_ref is not None and calib_data is not None:
                 before_bias = model.clone() if checkable else None
-                with _timed(timings, "bias_correction"), _bias_failures(bias_notes):
+                with timed(timings, "bias_correction"), biasruns.bias_failures(bias_notes):
                     bias = biascorrect.correct_biases(
                         model,
                         *bias_ref,
-                        _bias_feeds(calib_data, bias_rows),
+                        biasruns.bias_feeds(calib_data, bias_rows),
                         cfg.bias,
-                        _stage_progress(progress, "bias correction"),
-                        _bias_batches(calib_data, cfg, bias_rows),
+                        stage_progress(progress, "bias correction"),
+                        biasruns.bias_batches(calib_data, cfg, bias_rows),
                     )
             if acts is not None:  # after the bias correction: int32 from here
                 for m in (model, before_bias) if before_bias is not None else (model,):
@@ -180,7 +161,7 @@ def quantize(
         finally:
             if calib_data is not None:
                 calib_data.close()  # removes what a one-shot reader spooled to disk
-        with _timed(timings, "save"):
+        with timed(timings, "save"):
             if before_bias is not None:
                 export.pack_weights(before_bias, quantized, exported, cfg.export)
             exported = export.pack_weights(model, quantized, exported, cfg.export)  # last: bit-packing
@@ -188,12 +169,12 @@ def quantize(
         try:
             result = None
             if samples is not None:
-                with _timed(timings, "validate"):
+                with timed(timings, "validate"):
                     result = validate.validate(
-                        src, staged.path, samples, cfg.validate, _stage_progress(progress, "validate")
+                        src, staged.path, samples, cfg.validate, stage_progress(progress, "validate")
                     )
                 if before_bias is not None and bias is not None:
-                    with _timed(timings, "bias_check"):
+                    with timed(timings, "bias_check"):
                         check = check_bias(before_bias, src, Path(output_path), samples, result, cfg)
                     bias = replace(bias, held_out_db=(check.with_db, check.without_db), kept=check.kept)
                     if check.staged is not None and check.result is not None:
@@ -205,14 +186,14 @@ def quantize(
                             f"{check.with_db:.1f} dB); --bias-correction all forces it"
                         )
                 if weight_only is not None:
-                    with _timed(timings, "data_check"):
+                    with timed(timings, "data_check"):
                         note = data_cost_note(weight_only, src, Path(output_path), samples, result, cfg)
                     notes.extend([note] if note else [])
             elif cfg.validate.enabled:  # no inputs to compare on: at least onnxruntime must load it
-                with _timed(timings, "load_check"):
+                with timed(timings, "load_check"):
                     validate.check_loads(staged.path)
             if acts is not None:
-                with _timed(timings, "fusion_check"):
+                with timed(timings, "fusion_check"):
                     acts = replace(acts, fusion=check_fusion(staged.path, acts.compute_nodes))
             failures = gate_failures(result, cfg)
             if not failures:
@@ -287,25 +268,25 @@ def _plan_weights(
         # it does not fuse, so its op reads float activations, see activations._float_weight_op.)
         blocks = None
         logger.info("block-wise weight scales are off with --method brecq: per-channel scales used")
-    with _timed(timings, "error_table"):
+    with timed(timings, "error_table"):
         table = search.build_error_table(
             weights,
             axes,
             cfg.quantizer,
             cfg.search.candidate_bits,
-            _stage_progress(progress, "error table"),
+            stage_progress(progress, "error table"),
             blocks=blocks,
         )
     objective, described = None, "roundoff"
     probe = cfg.search.rule is SearchRule.BUDGET and cfg.search.objective is not Objective.ROUNDOFF
-    if probe and cfg.search.objective is Objective.GUARDED and not _has_decision_output(read):
+    if probe and cfg.search.objective is Objective.GUARDED and not probing.has_decision_output(read):
         probe, described = False, "roundoff (guard not needed: no logits or probability output)"
     if probe:
-        with _timed(timings, "sensitivity"):
-            found = _sensitivity(read, cfg, calib, weights, axes, blocks, table, progress, notes)
+        with timed(timings, "sensitivity"):
+            found = probing.probe_sensitivity(read, cfg, calib, weights, axes, blocks, table, progress, notes)
         if found is not None:
-            objective, described = _objective(cfg, table, found)
-    with _timed(timings, "search"):
+            objective, described = probing.objective(cfg, table, found)
+    with timed(timings, "search"):
         aliases = {s.name: s.consumers for s in read.sites}
         plan = search.search_bitwidths(
             table,
@@ -316,115 +297,6 @@ def _plan_weights(
             objective=objective,
         )
     return weights, plan, rounding.RoundingPlan(read.sites, weights, axes, plan.bits, blocks), described
-
-
-def _has_decision_output(read: ReadModel) -> bool:
-    """True when an output holds logits or probabilities: the guard protects such decisions (a
-    classifier or LM head); on raw outputs it weighted up the last conv of the DBNet text
-    detector and cost 6 F1 points against the roundoff objective (0.890 vs 0.950)."""
-    return any(k != "raw" for k in sensitivity.output_kinds(read.model).values())
-
-
-def _objective(
-    cfg: QuantConfig, table: search.ErrorTable, found: sensitivity.Sensitivity
-) -> tuple[np.ndarray, str]:
-    """The budget rule's objective from the probe, and its description for the report."""
-    how = (
-        f"{len(found.probed)} of {len(found.names)} weights probed at {'/'.join(map(str, found.run_bits))} "
-        f"bits on {found.samples} samples of {found.source}, {found.seconds:.1f} s"
-    )
-    if cfg.search.objective is Objective.OUTPUT:
-        return found.output_error, f"output error ({how})"
-    objective, boosted = sensitivity.guarded_objective(table.normalised(), found, cfg.search.guard_ratio)
-    top = sorted(boosted.items(), key=lambda kv: -kv[1])
-    listed = ", ".join(f"{n} x{f:.3g}" for n, f in top[:5]) + (
-        f" and {len(top) - 5} more" if len(top) > 5 else ""
-    )
-    return objective, (
-        f"roundoff error, guarded ({how}): " + (f"outliers weighted up: {listed}" if top else "no outlier")
-    )
-
-
-def _sensitivity(
-    read: ReadModel,
-    cfg: QuantConfig,
-    calib: data.CalibrationData | None,
-    weights: Mapping[str, np.ndarray],
-    axes: Mapping[str, int | None],
-    blocks: Mapping[str, int] | None,
-    table: search.ErrorTable,
-    progress: Progress | None,
-    notes: list[str],
-) -> sensitivity.Sensitivity | None:
-    """The probe's measurement; None (with a note) where GUARDED cannot probe the model."""
-    auto = cfg.search.objective is Objective.GUARDED
-    feeds, source, why = _probe_feeds(read, cfg, calib, table)
-    if feeds is None:
-        if not auto:
-            raise ConfigError(f"--objective output: cannot run the model on any input: {why}")
-        notes.append(f"budget objective: roundoff error (the model could not be probed: {why})")
-        return None
-    try:
-        return sensitivity.measure_sensitivity(
-            read.model,
-            weights,
-            axes,
-            table.normalised(),
-            table.bits,
-            cfg.quantizer,
-            feeds,
-            source,
-            _stage_progress(progress, "sensitivity"),
-            probe_bits=_guard_bits(table.bits) if auto else None,
-            blocks=blocks,
-        )
-    except UnsupportedModelError as e:
-        if not auto:
-            raise
-        notes.append(f"budget objective: roundoff error (the sensitivity probe failed: {e})")
-        return None
-
-
-#: Above this many weight parameters the probe runs on 2 samples instead of sensitivity_samples.
-PROBE_LARGE_PARAMS = 30_000_000
-#: Sequence-like dims of the probe's synthetic inputs (validation uses synthetic.DEFAULT_SEQUENCE):
-#: each probe runs the model once per weight and width, and an LM's logits grow with it.
-PROBE_SEQUENCE = 32
-
-
-def _guard_bits(bits: tuple[int, ...]) -> tuple[int, ...]:
-    """Widths the GUARDED probe runs: 3 and 4 where they are candidates, else the two lowest."""
-    return tuple(b for b in bits if b in (3, 4)) or bits[:2]
-
-
-def _probe_feeds(
-    read: ReadModel, cfg: QuantConfig, calib: data.CalibrationData | None, table: search.ErrorTable
-) -> tuple[list[dict[str, np.ndarray]] | None, str, str]:
-    """A few input batches for the sensitivity probe: calibration samples when given, else
-    synthetic inputs (joined into one batch where the batch dim is free); (None, "", why) when
-    the model runs on neither. Models over PROBE_LARGE_PARAMS weight parameters get 2 samples."""
-    want = cfg.search.sensitivity_samples
-    if int(table.sizes.sum()) > PROBE_LARGE_PARAMS:
-        want = min(want, 2)
-    free_batch = _free_batch(read)
-    if calib is not None:
-        feeds, seen = [], 0
-        for feed in biascorrect.first_samples(calib.batches(), want):
-            rows = calibrate.batch_samples(feed)
-            if free_batch and seen + rows > want:
-                feed, rows = {k: v[: want - seen] for k, v in feed.items()}, want - seen
-            feeds.append(feed)
-            seen += rows
-        return feeds, f"{calib.source}", ""
-    found, _, why = synthetic.synthetic_samples(
-        read.path, read.inputs, read.model, cfg.validate.dims, want, cfg.seed, PROBE_SEQUENCE
-    )
-    if found is None:
-        return None, "", why or "no inputs"
-    feeds = list(found.feeds)
-    if free_batch:
-        feeds = [{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}]
-    return feeds, "synthetic inputs", ""
 
 
 @dataclass(frozen=True)
@@ -478,96 +350,6 @@ def _rounding_data(
     )
 
 
-@contextmanager
-def _bias_failures(notes: list[str] | None) -> Iterator[None]:
-    """Turn a failure of the bias correction into a note (``notes`` given: the correction is the
-    default, not asked for) instead of an error."""
-    try:
-        yield
-    except (MixQuantError, ValueError) as e:
-        if notes is None:
-            raise
-        logger.warning("bias correction skipped: %s", e)
-        notes.append(f"bias correction (default with calibration data) skipped: {e}")
-
-
-def _bias_reference(
-    read: ReadModel,
-    cfg: QuantConfig,
-    calib: data.CalibrationData | None,
-    rows: int | None,
-    timings: dict[str, float],
-    progress: Progress | None,
-    notes: list[str] | None,
-) -> tuple[biascorrect.BiasPlan, list[np.ndarray]] | None:
-    """The biases to correct and the FP model's output means (before export rewrites the model),
-    on runs of ``rows`` samples (see _bias_run_rows); None when there is nothing to do or
-    (``notes`` given) when it failed."""
-    if cfg.bias.mode is BiasCorrection.OFF or calib is None:
-        return None
-    with _timed(timings, "bias_reference"), _bias_failures(notes):
-        plan = biascorrect.plan_correction(read.model, read.sites)
-        means = biascorrect.reference_means(
-            read.model,
-            plan.targets,
-            biascorrect.first_samples(_bias_feeds(calib, rows)(), cfg.bias.samples),
-            _stage_progress(progress, "bias reference"),
-            _bias_batches(calib, cfg, rows),
-        )
-        return plan, means
-    return None
-
-
-#: The bias correction runs the model in segments and holds a segment's outputs for a whole batch:
-#: batches whose inputs take more than this many bytes are cut into runs of fewer samples (the
-#: DBNet text detector, 3x736x992 inputs, peaked at 2.6 GB RSS with batches of 16). The means are
-#: sums over samples, so only the float summation order changes, and only for such inputs.
-BIAS_INPUT_BYTES = 16 * 2**20
-
-
-def _free_batch(read: ReadModel) -> bool:
-    """True when every input has an axis 0 that the model leaves free (no fixed batch size), so
-    batches may be joined or cut."""
-    return bool(read.inputs) and all(
-        inp.dims and not (isinstance(inp.dims[0], int) and inp.dims[0] >= 0) for inp in read.inputs
-    )
-
-
-def _bias_run_rows(calib: data.CalibrationData, read: ReadModel) -> int | None:
-    """Samples per bias-correction run: None (whole batches) unless one batch's inputs take more
-    than BIAS_INPUT_BYTES and the model leaves the batch free. Reads the first batch once."""
-    if not _free_batch(read):
-        return None
-    first = next(iter(calib.batches()), None)
-    if first is None:
-        return None
-    rows = calibrate.batch_samples(first)
-    per_sample = sum(np.asarray(a).nbytes for a in first.values()) / max(rows, 1)
-    run = max(1, int(BIAS_INPUT_BYTES // max(per_sample, 1.0)))
-    return run if run < rows else None
-
-
-def _bias_feeds(
-    calib: data.CalibrationData, rows: int | None
-) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
-    """The calibration batches, cut into runs of ``rows`` samples (None: as they are)."""
-    if rows is None:
-        return calib.batches
-
-    def feeds() -> Iterator[dict[str, np.ndarray]]:
-        for feed in calib.batches():
-            for start in range(0, calibrate.batch_samples(feed), rows):
-                yield {n: a[start : start + rows] for n, a in feed.items()}
-
-    return feeds
-
-
-def _bias_batches(calib: data.CalibrationData, cfg: QuantConfig, rows: int | None) -> int:
-    """Runs the bias correction makes per pass (for its progress)."""
-    batches = min(calib.num_batches, -(-cfg.bias.samples // calib.batch_size))
-    return batches if rows is None else batches * -(-calib.batch_size // rows)
-
-
 def _open_calibration(
     read: ReadModel, cfg: QuantConfig, calib: Any, image_spec: ImageSpec | None, holdout: int = 0
 ) -> data.CalibrationData | None:
@@ -608,13 +390,13 @@ def _quantize_activations(
     folded = fold_pads_into_convs(model)
     aplan = activations.plan_activations(model, act)
     act = replace(act, method=act.method_for(aplan.mode == "attention"))
-    with _timed(timings, "calibrate"):
+    with timed(timings, "calibrate"):
         result = calibrate.collect_ranges(
             model,
             aplan.calibrated(),
             calib.batches,
             act,
-            _stage_progress(progress, "calibrate"),
+            stage_progress(progress, "calibrate"),
             calib.num_batches,
         )
     params = {

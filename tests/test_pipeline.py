@@ -211,24 +211,24 @@ def test_calibration_runs_where_the_device_says(tmp_path: Path, monkeypatch: pyt
 def test_bias_runs_cut_large_batches_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bias correction cuts batches whose inputs exceed BIAS_INPUT_BYTES into runs of the same
     samples in the same order; small batches pass through as they are."""
-    from onnx_mixquant import pipeline
     from onnx_mixquant.data import sources as data
     from onnx_mixquant.read import model as graph
+    from onnx_mixquant.rounding import biasruns
 
     read = graph.read_model(DEMO_MODEL)
     calib = data.open_calibration(DEMO_CALIB, read.inputs, batch_size=16)
-    assert pipeline._bias_run_rows(calib, read) is None  # 16 digits: far below the limit
+    assert biasruns.bias_run_rows(calib, read) is None  # 16 digits: far below the limit
     per_sample = sum(a[:1].nbytes for a in next(iter(calib.batches())).values())
-    monkeypatch.setattr(pipeline, "BIAS_INPUT_BYTES", 5 * per_sample)
-    rows = pipeline._bias_run_rows(calib, read)
+    monkeypatch.setattr(biasruns, "BIAS_INPUT_BYTES", 5 * per_sample)
+    rows = biasruns.bias_run_rows(calib, read)
     assert rows == 5
-    runs = list(pipeline._bias_feeds(calib, rows)())
+    runs = list(biasruns.bias_feeds(calib, rows)())
     whole = list(calib.batches())
     assert max(len(r["input"]) for r in runs) == 5
     np.testing.assert_array_equal(
         np.concatenate([r["input"] for r in runs]), np.concatenate([b["input"] for b in whole])
     )
-    assert pipeline._bias_batches(calib, QuantConfig(), rows) == 4 * 4  # 4 batches of 16 -> 4 runs each
+    assert biasruns.bias_batches(calib, QuantConfig(), rows) == 4 * 4  # 4 batches of 16 -> 4 runs each
     report = quantize(
         DEMO_MODEL,
         tmp_path / "cut.onnx",
