@@ -430,57 +430,79 @@ def identical_variants(runs: Sequence[dict[str, Any]]) -> dict[str, list[list[st
     return {m: groups for m, groups in found.items() if groups}
 
 
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` through a temporary file renamed over it (a reader never sees half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def record_main(args: argparse.Namespace) -> int:
-    """``record``: run every (model, variant), write the JSON; exit 1 if any run failed."""
+    """``record``: run every (model, variant), write the JSON; exit 1 if any run failed.
+
+    The JSON is rewritten after every run with ``"complete": false``, so an interrupted record keeps
+    the runs it finished (``compare`` warns about such a record); the last write sets it true.
+    """
     signal.signal(signal.SIGTERM, _terminate)
     repo: Path = args.repo.resolve()
     t_start = time.perf_counter()
-    started = now_iso()
     facts = probe_package(repo)
-    commit = git_commit(repo) or args.commit
     models, skipped = find_models(args)
-    inputs = {m.name: model_inputs(m) for m in models}
     wanted = [v for v in VARIANTS if v.name in args.variants]
     jobs = [(m, v) for m in models for v in wanted if m.is_bench or not v.bench_only]
+    runs: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "about": "sha256 of onnx_mixquant's output files per (model, variant); see tools/output_hashes.py",
+        "invocation": shlex.join(["python", "tools/output_hashes.py", *sys.argv[1:]]),
+        "repo": str(repo),
+        "commit": git_commit(repo) or args.commit,
+        "started": now_iso(),
+        "complete": False,
+        "wall_s": None,
+        "jobs": args.jobs,
+        "machine": {
+            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "platform": platform.platform(),
+            "executable": sys.executable,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "loadavg_end": None,
+        },
+        "versions": facts,
+        "bench_calib_size": args.bench_calib_size,
+        "models": {m.name: model_inputs(m) for m in models},
+        "skipped": skipped,
+        "identical_variants": {},
+        "runs": runs,
+    }
+
+    def save(complete: bool) -> None:
+        doc.update(complete=complete, wall_s=round(time.perf_counter() - t_start, 1))
+        doc["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        doc["identical_variants"] = identical_variants(runs)
+        write_json(args.out, doc)
+
     log(f"{len(jobs)} runs on {len(models)} models, {args.jobs} at a time")
     with tempfile.TemporaryDirectory(prefix="output_hashes.") as tmp:
         work = Path(tmp)
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(run_one, m, v, repo, work, args.timeout) for m, v in jobs]
             try:
-                runs = [f.result() for f in futures]
+                for f in futures:
+                    runs.append(f.result())
+                    save(complete=False)
             except BaseException:  # Ctrl-C or SIGTERM: stop, do not wait for the remaining runs
                 for f in futures:
                     f.cancel()
                 _kill_live()
+                save(complete=False)
+                log(f"kept the {len(runs)} finished runs of {len(jobs)} in {args.out}")
                 raise
-    identical = identical_variants(runs)
-    for name, groups in identical.items():
+    save(complete=True)
+    for name, groups in doc["identical_variants"].items():
         for group in groups:
             log(f"note: {name}: variants {', '.join(group)} wrote identical files")
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "about": "sha256 of onnx_mixquant's output files per (model, variant); see tools/output_hashes.py",
-        "invocation": shlex.join(["python", "tools/output_hashes.py", *sys.argv[1:]]),
-        "repo": str(repo),
-        "commit": commit,
-        "started": started,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "jobs": args.jobs,
-        "machine": {
-            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "platform": platform.platform(),
-            "executable": sys.executable,
-        },
-        "versions": facts,
-        "bench_calib_size": args.bench_calib_size,
-        "models": inputs,
-        "skipped": skipped,
-        "identical_variants": identical,
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
     failed = [f"{r['model']}/{r['variant']}" for r in runs if r["exit_code"] != 0]
     log(f"wrote {args.out}: {len(runs)} runs in {doc['wall_s']:.0f} s")
     if failed:
@@ -505,6 +527,9 @@ def compare_main(args: argparse.Namespace) -> int:
     keys = list(runs_a) + [k for k in runs_b if k not in runs_a]
     print(f"A: {args.a} (commit {a.get('commit')}, {a.get('wall_s')} s)")
     print(f"B: {args.b} (commit {b.get('commit')}, {b.get('wall_s')} s)")
+    for label, doc in (("A", a), ("B", b)):
+        if not doc.get("complete", True):
+            print(f"note: {label} is an interrupted record (its missing runs never ran)")
     for what in ("onnx", "onnxruntime", "numpy", "python"):
         va, vb = a.get("versions", {}).get(what), b.get("versions", {}).get(what)
         if va != vb:
@@ -608,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return record_main(args) if args.cmd == "record" else compare_main(args)
     except KeyboardInterrupt as e:
-        log(f"interrupted ({e or 'Ctrl-C'}): runs killed, nothing written")
+        log(f"interrupted ({e or 'Ctrl-C'}): runs killed")
         return 130
 
 
