@@ -426,3 +426,31 @@ def test_device_cuda_without_cuda_is_a_usage_error(
     assert res.exit_code == 0, res.output
     assert json.loads(report.read_text())["settings"]["device"] == "auto"
     _expect_error(runner, [str(DEMO_MODEL), str(out), "--device", "gpu"], 2, "'gpu' is not one of")
+
+
+@pytest.mark.parametrize("target", ["input", "input-link", "output", "report"])
+def test_side_outputs_never_overwrite_the_models(runner: CliRunner, tmp_path: Path, target: str) -> None:
+    """--report and --save-preprocess naming the input (any spelling), the output or each other:
+    usage error, every file intact, nothing written."""
+    src = tmp_path / "in.onnx"
+    src.write_bytes(DEMO_MODEL.read_bytes())
+    (tmp_path / "link.onnx").symlink_to(src)
+    out = tmp_path / "out.onnx"
+    paths = {
+        "input": ["--report", str(tmp_path / "." / "in.onnx")],
+        "input-link": ["--save-preprocess", str(tmp_path / "link.onnx"), "--image-scale", "1"],
+        "output": ["--report", str(out)],
+        "report": [
+            "--report",
+            str(tmp_path / "r.json"),
+            "--save-preprocess",
+            str(tmp_path / "r.json"),
+            "--image-scale",
+            "1",
+        ],
+    }[target]
+    before = src.read_bytes()
+    result = runner.invoke(main, [str(src), str(out), *paths, "--no-validate"])
+    assert result.exit_code == 2, result.output
+    assert "choose another file" in result.output
+    assert src.read_bytes() == before and not out.exists() and not (tmp_path / "r.json").exists()

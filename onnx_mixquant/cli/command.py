@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,33 @@ class _StageBars:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file (other spellings, symlinks and hard links included)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _check_side_outputs(input_model: Path, output_model: Path, side: dict[str, Path | None]) -> None:
+    """Refuse a report or preprocessing path that names the input model, the output model or another
+    side output of the same run: writing it would destroy that file.
+
+    Raises:
+        click.BadParameter: (exit 2) naming the option and the file it would overwrite.
+    """
+    taken = [("the input model", input_model), ("the output model", output_model)]
+    for option, path in side.items():
+        if path is None:
+            continue
+        for what, other in taken:
+            if _same_file(path, other):
+                raise click.BadParameter(f"{path} is {what}; choose another file", param_hint=option)
+        taken.append((f"the {option} file", path))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -471,6 +499,9 @@ def main(
         cfg = build_config(opts)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
+    _check_side_outputs(
+        input_model, output_model, {"--report": report_path, "--save-preprocess": opts["save_preprocess"]}
+    )
     if report_path is not None and not report_path.absolute().parent.is_dir():
         raise click.BadParameter(
             f"folder {report_path.absolute().parent} does not exist", param_hint="--report"
