@@ -97,11 +97,6 @@ class Variant:
     options: tuple[str, ...]
     bench_only: bool = False
 
-    @property
-    def needs_calib(self) -> bool:
-        """Whether the command reads the model's calibration folder."""
-        return CALIB in self.options
-
 
 #: BRECQ kept small enough for a 2-core machine, yet with iterations enough that ``--fisher`` changes
 #: the output of every bench CNN (at 20 iterations it did not on resnet20 or efficientnet_lite0).
@@ -133,6 +128,7 @@ class Model:
 
     @property
     def is_bench(self) -> bool:
+        """Whether it is one of the benchmark CNNs (which get the BRECQ and weight-only variants too)."""
         return self.source == "bench"
 
 
