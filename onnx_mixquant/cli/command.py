@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from onnx_mixquant.config import (
 )
 from onnx_mixquant.data import save_preprocess_model
 from onnx_mixquant.errors import ConfigError, MixQuantError
+from onnx_mixquant.export import same_file
 from onnx_mixquant.pipeline import quantize
 from onnx_mixquant.report import format_text, to_json, write_json
 
@@ -99,16 +99,6 @@ class _StageBars:
             self.bar = None
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` name one file (other spellings, symlinks and hard links included)."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
 def _check_side_outputs(input_model: Path, output_model: Path, side: dict[str, Path | None]) -> None:
     """Refuse a report or preprocessing path that names the input model, the output model or another
     side output of the same run: writing it would destroy that file.
@@ -121,7 +111,7 @@ def _check_side_outputs(input_model: Path, output_model: Path, side: dict[str, P
         if path is None:
             continue
         for what, other in taken:
-            if _same_file(path, other):
+            if same_file(path, other):
                 raise click.BadParameter(f"{path} is {what}; choose another file", param_hint=option)
         taken.append((f"the {option} file", path))
 

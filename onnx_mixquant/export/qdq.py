@@ -310,11 +310,17 @@ class StagedModel:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file (other spellings, symlinks and hard links included)."""
+    a, b = Path(a).expanduser().absolute(), Path(b).expanduser().absolute()
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def check_destination(out_path: Path, input_path: Path) -> Path:
     """Resolve ``out_path`` and refuse the input file itself, a directory or an unwritable folder."""
     out = Path(out_path).expanduser().absolute()
     src = Path(input_path).expanduser().absolute()
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+    if same_file(out, src):
         raise ExportError(f"{out}: output path is the input model; refusing to overwrite it")
     if out.is_dir():
         raise ExportError(f"{out}: output path is a directory")
