@@ -137,9 +137,12 @@ def quantize(
             model.graph.initializers[name].const_value = ir.tensor(value, name=name)
         acts = bias = None
         data_stages = calib_data is not None and (cfg.activations.enabled or bias_ref is not None)
-        weight_only = model.clone() if data_stages and samples is not None else None
         # an automatic bias correction is kept only where held-out samples show it helps
         checkable = bias_auto and samples is not None and not samples.synthetic
+        # without activation Q/DQ that check already compares the model with the one the data check
+        # would (before the correction) and writes the better one: no second validation of it
+        bias_checked = checkable and bias_ref is not None and not cfg.activations.enabled
+        weight_only = model.clone() if data_stages and samples is not None and not bias_checked else None
         before_bias = None
         try:
             if calib_data is not None and cfg.activations.enabled:
